@@ -1,0 +1,97 @@
+"""Bridge between a ComfyUI CLIP object and the core token-packing functions.
+
+ComfyUI's CLIP tokenizes per encoder into ``{"l": chunks, "g": chunks, ...}``; the tokenizer
+for key ``k`` lives at ``clip.tokenizer.clip_<k>`` and knows its width (``embedding_size``)
+and which file key feeds it (``embedding_key``). We read both off the live object, so SD1,
+SD2 and SDXL are served by the same code, and we refuse — loudly — any embedding whose
+widths do not match, where ComfyUI itself only logs "embedding will be ignored".
+"""
+
+from __future__ import annotations
+
+from ..implicit_negatives.embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
+from ..implicit_negatives.prompt_tokens import ChunkSpec, append_vectors
+
+MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
+
+_FAMILY_BY_WIDTHS = {(768,): "SD1.x", (1024,): "SD2.x", (768, 1280): "SDXL"}
+
+
+class EmbeddingMismatchError(ValueError):
+    """The implicit negative was trained for a different text encoder than this CLIP."""
+
+
+def encoder_tokenizers(clip) -> dict:
+    """{token-dict key: SDTokenizer} for every encoder this CLIP tokenizes for."""
+    keys = clip.tokenize("").keys()
+    out = {}
+    for key in keys:
+        tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
+        if tokenizer is None or not hasattr(tokenizer, "embedding_key"):
+            raise EmbeddingMismatchError(
+                f"This CLIP has a '{key}' text encoder that textual-inversion embeddings cannot feed; "
+                "implicit negatives support SD1.x, SD2.x and SDXL CLIP models.")
+        out[key] = tokenizer
+    return out
+
+
+def chunk_spec(tokenizer) -> ChunkSpec:
+    return ChunkSpec(start_token=tokenizer.start_token, end_token=tokenizer.end_token,
+                     pad_token=tokenizer.pad_token, max_length=tokenizer.max_length,
+                     max_word_length=tokenizer.max_word_length,
+                     pad_to_max_length=tokenizer.pad_to_max_length, min_length=tokenizer.min_length)
+
+
+def check_fits(clip, negative: ImplicitNegative) -> dict:
+    """Return {token key: (N, D) vectors} for this CLIP, or raise a message naming both widths."""
+    tokenizers = encoder_tokenizers(clip)
+    have = negative.embedding.widths()
+    need = {tok.embedding_key: tok.embedding_size for tok in tokenizers.values()}
+    clip_family = _FAMILY_BY_WIDTHS.get(tuple(sorted(need.values())), "this model")
+    file_family = describe_family(negative.embedding.vectors)
+    missing = [key for key, width in need.items() if have.get(key) != width]
+    if missing:
+        have_text = ", ".join(f"{k} {w}" for k, w in sorted(have.items()))
+        need_text = ", ".join(f"{k} {w}" for k, w in sorted(need.items()))
+        hint = (f"it looks like an {file_family} embedding used with an {clip_family} model"
+                if file_family != clip_family else "its vectors do not match this text encoder")
+        if clip_family == "SDXL" and "clip_l" in have and "clip_g" not in have:
+            hint = ("the file has no clip_g vectors, which SDXL's second text encoder (1280 wide) needs; "
+                    "train or convert an SDXL embedding")
+        raise EmbeddingMismatchError(
+            f"Implicit negative '{negative.name}' has widths [{have_text}] but this CLIP needs "
+            f"[{need_text}]: {hint}. ComfyUI would silently ignore it (e.g. '768 != 1280'); "
+            "this node refuses instead, so your negative never quietly does nothing.")
+    return {key: negative.embedding.vectors[tok.embedding_key] for key, tok in tokenizers.items()}
+
+
+def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk") -> dict:
+    """The token dict that ``clip.encode_from_tokens_scheduled`` turns into the negative CONDITIONING.
+
+    in_text_chunk   the vectors follow the text inside its chunk, like ``"text embedding:NAME"``;
+    appended_chunk  the vectors get a 77-token chunk of their own after the text (ConditioningConcat);
+    embedding_only  just the vectors (text must be empty).
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "embedding_only" and text.strip():
+        raise ValueError("Mode 'embedding_only' uses no text, but text was given: clear it, or pick "
+                         "'in_text_chunk' / 'appended_chunk' to combine text and embedding.")
+    vectors = check_fits(clip, negative)
+    tokenizers = encoder_tokenizers(clip)
+    text_tokens = clip.tokenize(text)
+    out = {}
+    for key, chunks in text_tokens.items():
+        spec = chunk_spec(tokenizers[key])
+        own_chunk = mode == "appended_chunk" and text.strip() != ""
+        out[key] = append_vectors(chunks, vectors[key], negative.strength, spec, new_chunk=own_chunk)
+    return out
+
+
+def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk"):
+    """CONDITIONING for the negative input of a KSampler (or the safety concept of SLD)."""
+    return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, negative, text, mode))
+
+
+__all__ = ["MODES", "ENCODER_WIDTHS", "EmbeddingMismatchError", "check_fits",
+           "implicit_negative_tokens", "encode_implicit_negative"]

@@ -1,0 +1,101 @@
+"""LoadImplicitNegative and ImplicitNegativeConditioning: file -> IMPLICIT_NEGATIVE -> CONDITIONING.
+
+Node IDs, input names and input order are public API (saved workflows store them): append
+new inputs at the end, never rename or reorder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
+from .clip_adapter import MODES, encode_implicit_negative
+
+ImplicitNegativeType = io.Custom("IMPLICIT_NEGATIVE")
+
+
+def embedding_choices() -> list[str]:
+    return sorted(name for name in folder_paths.get_filename_list("embeddings")
+                  if name.lower().endswith(EMBEDDING_EXTENSIONS))
+
+
+def resolve_embedding_path(name: str) -> str:
+    """Full path of ``name`` inside one of ComfyUI's embeddings folders; rejects names that escape them."""
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts or name.strip() == "":
+        raise ValueError(f"Embedding name {name!r} is not a file inside the embeddings folders")
+    for folder in folder_paths.get_folder_paths("embeddings"):
+        root = os.path.realpath(folder)
+        candidate = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([root, candidate]) == root and os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"Embedding {name!r} not found in the embeddings folders: "
+        f"{', '.join(folder_paths.get_folder_paths('embeddings'))}")
+
+
+class LoadImplicitNegative(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadImplicitNegative",
+            display_name="Load Implicit Negative",
+            category="conditioning/implicit negatives",
+            description=("Loads a learned negative embedding (textual inversion against an unlearned model) "
+                         "from the embeddings folders. Any common format works: ours, A1111 .pt, "
+                         "diffusers learned_embeds.bin, kohya safetensors."),
+            inputs=[
+                io.Combo.Input("embedding", options=embedding_choices(),
+                               tooltip="File in models/embeddings or this pack's embeddings/ folder."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="Prompt weight of the embedding, as in (embedding:NAME:strength)."),
+            ],
+            outputs=[io.Custom("IMPLICIT_NEGATIVE").Output(
+                tooltip="The vectors, their metadata and the strength; feed ImplicitNegativeConditioning.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, embedding, strength):
+        path = resolve_embedding_path(embedding)
+        stat = os.stat(path)
+        return f"{path}:{stat.st_mtime_ns}:{stat.st_size}:{strength}"  # reload when the file changes
+
+    @classmethod
+    def execute(cls, embedding, strength) -> io.NodeOutput:
+        loaded = load_embedding(resolve_embedding_path(embedding))
+        name = os.path.splitext(os.path.basename(embedding))[0]
+        return io.NodeOutput(ImplicitNegative(name=name, embedding=loaded, strength=float(strength)))
+
+
+class ImplicitNegativeConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImplicitNegativeConditioning",
+            display_name="Implicit Negative Conditioning",
+            category="conditioning/implicit negatives",
+            description=("Encodes an implicit negative (optionally with negative text) into CONDITIONING for "
+                         "a KSampler's negative input or SafeLatentGuidance's safety concept. Equals "
+                         "CLIPTextEncode of 'text embedding:NAME', but refuses embeddings of the wrong width."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The (unlearned) model's CLIP; its width is checked."),
+                ImplicitNegativeType.Input("implicit_negative"),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="Optional negative text, e.g. 'low quality'."),
+                io.Combo.Input("mode", options=list(MODES), default=MODES[0],
+                               tooltip=("in_text_chunk: vectors follow the text in its 77-token chunk (A1111). "
+                                        "appended_chunk: vectors get a chunk of their own (ConditioningConcat). "
+                                        "embedding_only: vectors alone; text must be empty.")),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Negative conditioning carrying the implicit negative.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, implicit_negative, text, mode) -> io.NodeOutput:
+        if clip is None:
+            raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader "
+                               "node your checkpoint does not contain a valid clip or text encoder model.")
+        return io.NodeOutput(encode_implicit_negative(clip, implicit_negative, text, mode))

@@ -1,0 +1,10 @@
+"""The ComfyExtension that lists every node of the pack (the V3 registration point)."""
+
+from comfy_api.latest import ComfyExtension
+
+from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
+
+
+class ImplicitNegativesExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [LoadImplicitNegative, ImplicitNegativeConditioning]

@@ -1,0 +1,132 @@
+"""The embedding nodes inside ComfyUI's real engine, checked against ComfyUI's own `embedding:NAME` path."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from implicit_negatives.embedding_io import ImplicitNegative, load_embedding, save_embedding
+
+import comfy_rig
+
+
+def clip_text_encode(comfy, clip, text):
+    return comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode(clip, text)[0]
+
+
+def our_conditioning(pack, embeddings_dir, clip, name, text="", mode="in_text_chunk", strength=1.0):
+    negative = pack["LoadImplicitNegative"].execute(f"{name}.safetensors", strength).result[0]
+    return pack["ImplicitNegativeConditioning"].execute(clip, negative, text, mode).result[0]
+
+
+def max_diff(a, b):
+    assert len(a) == len(b)
+    diffs = []
+    for (ca, oa), (cb, ob) in zip(a, b):
+        assert ca.shape == cb.shape, (ca.shape, cb.shape)
+        diffs.append((ca - cb).abs().max().item())
+        diffs.append((oa["pooled_output"] - ob["pooled_output"]).abs().max().item())
+    return max(diffs)
+
+
+@pytest.fixture(scope="module")
+def planted(embeddings_dir):
+    """Embeddings written by our writer: 1 and 8 vectors of CLIP-L-scale values."""
+    generator = torch.Generator().manual_seed(7)
+    for count in (1, 8):
+        save_embedding(str(embeddings_dir / f"neg{count}.safetensors"),
+                       {"clip_l": torch.randn(count, 768, generator=generator) * 0.3}, {"concept": "test"})
+    return embeddings_dir
+
+
+@pytest.mark.parametrize("count", [1, 8])
+def test_embedding_alone_equals_comfyui_embedding_syntax(comfy, pack, tiny_sd15, planted, count):
+    clip = tiny_sd15[1]
+    ours = our_conditioning(pack, planted, clip, f"neg{count}")
+    stock = clip_text_encode(comfy, clip, f"embedding:neg{count}")
+    empty = clip_text_encode(comfy, clip, "")
+    assert max_diff(ours, stock) <= 1e-6
+    assert (ours[0][0] - empty[0][0]).abs().max() > 1e-2  # the embedding really is in there
+
+
+@pytest.mark.parametrize("count", [1, 8])
+@pytest.mark.parametrize("text", ["low quality,", "low quality", ", ".join(["blurry watermark text"] * 24)])
+def test_in_chunk_mode_equals_comfyui_text_plus_embedding(comfy, pack, tiny_sd15, planted, count, text):
+    """Includes a 73-token text, where the vectors must move to (or split into) a second chunk."""
+    clip = tiny_sd15[1]
+    ours = our_conditioning(pack, planted, clip, f"neg{count}", text=text)
+    stock = clip_text_encode(comfy, clip, f"{text} embedding:neg{count}")
+    assert max_diff(ours, stock) <= 1e-6
+
+
+def test_strength_equals_comfyui_prompt_weight(comfy, pack, tiny_sd15, planted):
+    clip = tiny_sd15[1]
+    ours = our_conditioning(pack, planted, clip, "neg8", text="low quality", strength=0.6)
+    stock = clip_text_encode(comfy, clip, "low quality (embedding:neg8:0.6)")
+    assert max_diff(ours, stock) <= 1e-6
+
+
+def test_appended_chunk_equals_conditioning_concat(comfy, pack, tiny_sd15, planted):
+    clip = tiny_sd15[1]
+    ours = our_conditioning(pack, planted, clip, "neg1", text="low quality", mode="appended_chunk")
+    concat = comfy.NODE_CLASS_MAPPINGS["ConditioningConcat"]().concat(
+        clip_text_encode(comfy, clip, "low quality"), clip_text_encode(comfy, clip, "embedding:neg1"))[0]
+    assert ours[0][0].shape == (1, 154, 768)
+    assert max_diff(ours, concat) <= 1e-6
+
+
+def test_embedding_only_refuses_text(pack, tiny_sd15, planted):
+    with pytest.raises(ValueError, match="embedding_only"):
+        our_conditioning(pack, planted, tiny_sd15[1], "neg1", text="low quality", mode="embedding_only")
+
+
+def test_our_file_loads_through_comfyui_load_embed(comfy, planted):
+    import comfy.sd1_clip
+    stock = comfy.sd1_clip.load_embed("neg8", [str(planted)], 768, "clip_l")
+    assert torch.equal(stock, load_embedding(str(planted / "neg8.safetensors")).vectors["clip_l"])
+
+
+def test_wrong_width_is_an_error_naming_both_widths(comfy, pack, tiny_sd15, embeddings_dir):
+    save_file({"emb_params": torch.randn(2, 1024)}, str(embeddings_dir / "sd2neg.safetensors"))
+    save_file({"clip_g": torch.randn(1, 1280), "clip_l": torch.randn(1, 768)}, str(embeddings_dir / "xlneg.safetensors"))
+    clip = tiny_sd15[1]
+    with pytest.raises(ValueError, match=r"clip_h 1024.*clip_l 768.*SD2\.x embedding used with an SD1\.x model"):
+        our_conditioning(pack, embeddings_dir, clip, "sd2neg")
+    # An SDXL file carries a clip_l half, which is exactly what an SD1 CLIP needs.
+    assert our_conditioning(pack, embeddings_dir, clip, "xlneg")[0][0].shape == (1, 77, 768)
+
+
+def test_names_escaping_the_embeddings_folders_are_rejected(pack, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    save_embedding(str(outside), {"clip_l": torch.zeros(1, 768)})
+    for name in ["../outside.safetensors", str(outside), "../../etc/passwd"]:
+        with pytest.raises(ValueError, match="not a file inside"):
+            pack["LoadImplicitNegative"].execute(name, 1.0)
+
+
+def test_pack_registers_its_nodes_and_embeddings_folder(comfy, pack):
+    import folder_paths
+    assert {"LoadImplicitNegative", "ImplicitNegativeConditioning"} <= set(pack)
+    assert os.path.join(comfy_rig.REPO_ROOT, "embeddings") in folder_paths.get_folder_paths("embeddings")
+
+
+def test_graph_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint, planted):
+    import json
+    import folder_paths
+    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "implicit_negative_txt2img.json")) as handle:
+        graph = json.load(handle)
+    graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
+    graph["2"]["inputs"]["embedding"] = "neg8.safetensors"
+    graph["8"]["inputs"]["filename_prefix"] = "in_graph_test"
+    for node in graph.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 3
+    executor, _ = comfy_rig.run_graph(graph)
+    images = executor.history_result["outputs"]["8"]["images"]
+    assert len(images) == 1
+    path = os.path.join(folder_paths.get_output_directory(), images[0]["subfolder"], images[0]["filename"])
+    from PIL import Image
+    assert Image.open(path).size == (64, 64)
