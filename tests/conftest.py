@@ -49,6 +49,13 @@ def pack(comfy, embeddings_dir):
 
 
 @pytest.fixture(scope="session")
+def pack_module(pack):
+    """The pack's root package as ComfyUI imported it; reach submodules with
+    ``importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")``."""
+    return sys.modules[REPO_ROOT.replace(".", "_x_")]
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(comfy):
     """(folder, filename) of the tiny SD1.5 checkpoint, registered in ComfyUI's checkpoints folders."""
     import folder_paths

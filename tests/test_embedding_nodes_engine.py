@@ -130,3 +130,9 @@ def test_graph_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint
     path = os.path.join(folder_paths.get_output_directory(), images[0]["subfolder"], images[0]["filename"])
     from PIL import Image
     assert Image.open(path).size == (64, 64)
+
+
+def test_pack_submodules_are_importable_through_the_loaded_package(pack_module):
+    import importlib
+    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
+    assert "in_text_chunk" in adapter.MODES
