@@ -9,7 +9,10 @@ widths do not match, where ComfyUI itself only logs "embedding will be ignored".
 
 from __future__ import annotations
 
+import logging
+
 from ..implicit_negatives.embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
+from ..implicit_negatives.fingerprint import text_encoder_fingerprint
 from ..implicit_negatives.prompt_tokens import ChunkSpec, append_vectors
 
 MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
@@ -65,6 +68,45 @@ def check_fits(clip, negative: ImplicitNegative) -> dict:
     return {key: negative.embedding.vectors[tok.embedding_key] for key, tok in tokenizers.items()}
 
 
+def clip_fingerprint(clip) -> str | None:
+    """Fingerprint of the first text encoder's token-embedding table (None if it cannot be reached)."""
+    for key in clip.tokenize("").keys():
+        encoder = getattr(clip.cond_stage_model, f"clip_{key}", None)
+        transformer = getattr(encoder, "transformer", None)
+        if transformer is not None and hasattr(transformer, "get_input_embeddings"):
+            return text_encoder_fingerprint(transformer.get_input_embeddings().weight)
+    return None
+
+
+def transfer_warning(clip, negative: ImplicitNegative) -> str | None:
+    """A sentence for the user when the embedding was learned through a different text encoder."""
+    trained_with = negative.embedding.metadata.get("text_encoder_fingerprint")
+    if not trained_with:
+        return None
+    current = clip_fingerprint(clip)
+    if current is None or current == trained_with:
+        return None
+    model = negative.embedding.metadata.get("unlearned_model") or negative.embedding.metadata.get("base_model", "?")
+    return (f"Implicit negative '{negative.name}' was learned through a different text encoder "
+            f"(trained on {model}; fingerprint {trained_with}, this CLIP {current}). Implicit negatives "
+            "transfer between unlearned checkpoints of one base model that share its text encoder; "
+            "through another encoder (e.g. AdvUnlearn's) it may not carry the concept. Retrain for this model.")
+
+
+def describe(negative: ImplicitNegative) -> str:
+    """Human-readable summary of an implicit negative's metadata (for the node's info output)."""
+    meta = negative.embedding.metadata
+    lines = [f"{negative.name}: {negative.embedding.num_vectors} vector(s), {negative.embedding.family}, "
+             f"strength {negative.strength:g}"]
+    for key in ("concept", "unlearned_model", "base_model", "intended_use", "init_word", "steps", "loss",
+                "trainer_version", "created"):
+        if meta.get(key):
+            lines.append(f"{key}: {meta[key]}")
+    if not meta.get("format"):
+        lines.append("(no implicit-negative metadata: a plain textual-inversion file)")
+    return "\n".join(lines)
+
+
 def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk") -> dict:
     """The token dict that ``clip.encode_from_tokens_scheduled`` turns into the negative CONDITIONING.
 
@@ -78,6 +120,9 @@ def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", m
         raise ValueError("Mode 'embedding_only' uses no text, but text was given: clear it, or pick "
                          "'in_text_chunk' / 'appended_chunk' to combine text and embedding.")
     vectors = check_fits(clip, negative)
+    warning = transfer_warning(clip, negative)
+    if warning:
+        logging.warning(warning)
     tokenizers = encoder_tokenizers(clip)
     text_tokens = clip.tokenize(text)
     out = {}

@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
-from .clip_adapter import MODES, encode_implicit_negative
+from .clip_adapter import MODES, describe, encode_implicit_negative
 
 ImplicitNegativeType = io.Custom("IMPLICIT_NEGATIVE")
 
@@ -53,8 +53,12 @@ class LoadImplicitNegative(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
                                tooltip="Prompt weight of the embedding, as in (embedding:NAME:strength)."),
             ],
-            outputs=[io.Custom("IMPLICIT_NEGATIVE").Output(
-                tooltip="The vectors, their metadata and the strength; feed ImplicitNegativeConditioning.")],
+            outputs=[
+                io.Custom("IMPLICIT_NEGATIVE").Output(
+                    tooltip="The vectors, their metadata and the strength; feed ImplicitNegativeConditioning."),
+                io.String.Output("info", tooltip=("What the file says about itself: concept, the unlearned model it "
+                                                  "was learned on, vectors, steps. Connect to Preview Any to read.")),
+            ],
         )
 
     @classmethod
@@ -67,7 +71,9 @@ class LoadImplicitNegative(io.ComfyNode):
     def execute(cls, embedding, strength) -> io.NodeOutput:
         loaded = load_embedding(resolve_embedding_path(embedding))
         name = os.path.splitext(os.path.basename(embedding))[0]
-        return io.NodeOutput(ImplicitNegative(name=name, embedding=loaded, strength=float(strength)))
+        negative = ImplicitNegative(name=name, embedding=loaded, strength=float(strength))
+        info = describe(negative)
+        return io.NodeOutput(negative, info, ui={"text": [info]})
 
 
 class ImplicitNegativeConditioning(io.ComfyNode):

@@ -136,3 +136,25 @@ def test_pack_submodules_are_importable_through_the_loaded_package(pack_module):
     import importlib
     adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
     assert "in_text_chunk" in adapter.MODES
+
+
+def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
+    import importlib
+    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
+    clip = tiny_sd15[1]
+    same = adapter.clip_fingerprint(clip)
+    assert same is not None
+    vectors = {"clip_l": torch.randn(2, 768)}
+    save_embedding(str(embeddings_dir / "same_te.safetensors"), vectors,
+                   {"concept": "nudity", "unlearned_model": "duo-2000", "text_encoder_fingerprint": same})
+    save_embedding(str(embeddings_dir / "other_te.safetensors"), vectors,
+                   {"concept": "nudity", "unlearned_model": "advunlearn", "text_encoder_fingerprint": "0123456789abcdef"})
+    output = pack["LoadImplicitNegative"].execute("same_te.safetensors", 1.0)
+    negative, info = output.result
+    assert "concept: nudity" in info and "unlearned_model: duo-2000" in info and "2 vector(s), SD1.x" in info
+    with caplog.at_level("WARNING"):
+        pack["ImplicitNegativeConditioning"].execute(clip, negative, "", "in_text_chunk")
+        assert "different text encoder" not in caplog.text
+        other = pack["LoadImplicitNegative"].execute("other_te.safetensors", 1.0).result[0]
+        pack["ImplicitNegativeConditioning"].execute(clip, other, "", "in_text_chunk")
+        assert "different text encoder" in caplog.text and "advunlearn" in caplog.text
