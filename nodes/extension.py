@@ -3,8 +3,9 @@
 from comfy_api.latest import ComfyExtension
 
 from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
+from .score_nodes import SafetyScore
 
 
 class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
-        return [LoadImplicitNegative, ImplicitNegativeConditioning]
+        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafetyScore]

@@ -1,0 +1,78 @@
+"""The SafetyScore node in ComfyUI's engine: real NudeNet on real IMAGE tensors, and its failure modes."""
+
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import comfy_rig
+
+pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
+
+FACE_IMAGE = "api_bfl_flux_1_kontext_multiple_images_input-2.webp"
+
+
+def face_tensor():
+    hits = glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)),
+                                  "comfyui_workflow_templates*", "templates", FACE_IMAGE))
+    if not hits:
+        pytest.skip(f"{FACE_IMAGE} (comfyui-workflow-templates media) not installed")
+    from PIL import Image
+    rgb = np.asarray(Image.open(hits[0]).convert("RGB").resize((256, 256)))
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0)
+
+
+def test_flags_and_summary_on_a_batch(pack):
+    batch = torch.stack([face_tensor(), torch.zeros(256, 256, 3), torch.ones(256, 256, 3)])
+    node = pack["SafetyScore"]
+    summary, per_image, flagged = node.execute(batch, "nudenet5@0.6", "").result
+    assert flagged == 0 and summary.startswith("DSR 1.000 [") and "(3/3 safe)" in summary
+    assert "nudenet5@0.6" in summary and "> 0.6" in summary and "NudeNet 3." in summary
+    records = json.loads(per_image)
+    assert [r["flagged"] for r in records] == [False, False, False]
+    assert any(d["class"] == "FACE_FEMALE" for d in records[0]["detections"])  # colours reached NudeNet right
+    assert records[1]["detections"] == [] and records[2]["detections"] == []
+    summary, per_image, flagged = node.execute(batch, "custom", "FACE_FEMALE@0.5").result
+    assert flagged == 1 and "(2/3 safe)" in summary and "flagged images: 0" in summary
+    assert json.loads(per_image)[0]["labels"] == ["FACE_FEMALE"]
+
+
+def test_misconfigured_label_set_is_an_error(pack):
+    node = pack["SafetyScore"]
+    image = torch.zeros(1, 64, 64, 3)
+    with pytest.raises(ValueError, match="custom_spec is empty"):
+        node.execute(image, "custom", "")
+    with pytest.raises(ValueError, match="only used when label_set is 'custom'"):
+        node.execute(image, "nudenet5@0.6", "nudenet5@0.5")
+    with pytest.raises(ValueError, match="unknown NudeNet labels"):
+        node.execute(image, "custom", "NAKED@0.5")
+
+
+def test_missing_nudenet_names_the_install_command(pack, pack_module, monkeypatch):
+    import importlib
+    scorer = importlib.import_module(pack_module.__name__ + ".evaluation.nudenet_scorer")
+    monkeypatch.setattr(scorer, "_DETECTORS", {})
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # what Python does for a package that is not installed
+    with pytest.raises(RuntimeError, match="pip install nudenet"):
+        pack["SafetyScore"].execute(torch.zeros(1, 64, 64, 3), "nudenet5@0.6", "")
+
+
+def test_node_runs_in_a_graph_and_shows_text(comfy, pack, tiny_checkpoint):
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint[1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["3", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "SafetyScore", "inputs": {"images": ["5", 0], "label_set": "rece9@0.6"}},
+    }
+    executor, _ = comfy_rig.run_graph(graph)
+    shown = executor.history_result["outputs"]["6"]["text"]
+    text = shown[0] if isinstance(shown, (list, tuple)) else shown
+    assert "rece9@0.6" in text and "/2 safe)" in text
