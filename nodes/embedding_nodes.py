@@ -88,7 +88,8 @@ class ImplicitNegativeConditioning(io.ComfyNode):
                          "CLIPTextEncode of 'text embedding:NAME', but refuses embeddings of the wrong width."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The (unlearned) model's CLIP; its width is checked."),
-                ImplicitNegativeType.Input("implicit_negative"),
+                ImplicitNegativeType.Input("implicit_negative",
+                                           tooltip="From Load Implicit Negative (or the trainer node)."),
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="Optional negative text, e.g. 'low quality'."),
                 io.Combo.Input("mode", options=list(MODES), default=MODES[0],
