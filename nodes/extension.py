@@ -3,9 +3,11 @@
 from comfy_api.latest import ComfyExtension
 
 from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
+from .sld_nodes import SafeLatentGuidance
+from .safree_nodes import SafreeConditioning, SafreeLatentReAttention
 from .score_nodes import SafetyScore
 
 
 class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
-        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafetyScore]
+        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafetyScore, SafreeConditioning, SafreeLatentReAttention]
