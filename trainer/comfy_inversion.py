@@ -1,0 +1,337 @@
+"""ComfyUI adapter for the concept-inversion loop: a ``loss_fn(vectors, step)`` over a MODEL + CLIP.
+
+The core loop (``implicit_negatives.inversion``) only sees vectors and a loss. This module turns
+ComfyUI objects into that loss, avoiding the engine's training traps (comfyui.md §5):
+
+* CLIP layers add residuals in place (``x += attn(x)``), which breaks backward: each CLIPLayer's
+  ``forward`` is rebound to an out-of-place version for the duration of training (try/finally).
+* The executor runs nodes under ``torch.inference_mode()``; weights loaded there are inference
+  tensors that autograd cannot save. Training runs under ``inference_mode(False)``, and when the
+  loaded weights are inference tensors we train on a private deep copy of the modules made outside
+  inference mode, so the shared MODEL / CLIP are never touched.
+* ComfyUI's ``apply_model`` returns x0 for every parameterisation, so the eps-loss uses
+  eps = (x_t - x0) / sigma: eps- and v-prediction models are handled alike.
+* VAEEncode latents are unscaled: ``process_latent_in`` applies the model's latent scaling.
+* ``throw_exception_if_processing_interrupted`` runs every step, so ComfyUI's Cancel stops training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import comfy.model_management
+
+from ..implicit_negatives.inversion import (
+    InversionConfig, caption_parts, denoising_loss, eps_from_denoised, sample_timesteps, step_generator,
+)
+
+
+class TrainingSetupError(ValueError):
+    """The model or data cannot be trained on as given; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- the frozen modules
+
+
+@dataclass
+class TrainingModules:
+    """What the loss needs, ready for backward.
+
+    base_model: ComfyUI BaseModel (``model.model`` or a private copy); encoder: the SDClipModel
+    (``clip_l`` / ``clip_h``); tokenizer: its SDTokenizer; token_key: "l" / "h"; embedding_key:
+    "clip_l" / "clip_h" (the key of the saved file); copied: whether private copies are used.
+    """
+
+    base_model: torch.nn.Module
+    encoder: torch.nn.Module
+    tokenizer: object
+    token_key: str
+    embedding_key: str
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    copied: bool
+
+    @property
+    def model_sampling(self):
+        return self.base_model.model_sampling
+
+    @property
+    def width(self) -> int:
+        return int(self.tokenizer.embedding_size)
+
+
+def single_text_encoder(clip):
+    """(token key, SDClipModel, SDTokenizer) of a CLIP with exactly one text encoder (SD1.x, SD2.x)."""
+    if clip is None:
+        raise TrainingSetupError("No CLIP given: the checkpoint has no text encoder; load one with CLIPLoader.")
+    keys = list(clip.tokenize("").keys())
+    if len(keys) != 1:
+        raise TrainingSetupError(
+            f"This CLIP has {len(keys)} text encoders ({', '.join(keys)}); the trainer supports single-encoder "
+            "models (SD1.x CLIP-L, SD2.x OpenCLIP-H). SDXL training is not implemented.")
+    key = keys[0]
+    encoder = getattr(clip.cond_stage_model, f"clip_{key}", None)
+    tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
+    if encoder is None or tokenizer is None or not hasattr(tokenizer, "embedding_key"):
+        raise TrainingSetupError(f"The '{key}' text encoder of this CLIP does not accept textual-inversion vectors.")
+    return key, encoder, tokenizer
+
+
+def _has_inference_tensors(module: torch.nn.Module) -> bool:
+    return any(t.is_inference() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def trainable_copy(module: torch.nn.Module, memo: Optional[dict] = None) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are fresh (non-inference) clones.
+
+    Call outside inference mode. Each submodule becomes a new object sharing the original's plain
+    attributes (configs, model_sampling settings) but none of its tensors; submodules registered
+    twice stay shared in the copy. ``copy.deepcopy`` is not used: some ComfyUI objects refuse it.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = object.__new__(type(module))
+    new.__dict__ = dict(module.__dict__)
+    memo[id(module)] = new
+    new._parameters = {name: (None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+                       for name, p in module._parameters.items()}
+    new._buffers = {name: (None if b is None else b.detach().clone()) for name, b in module._buffers.items()}
+    new._modules = {name: (None if m is None else trainable_copy(m, memo)) for name, m in module._modules.items()}
+    return new
+
+
+def _out_of_place_clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """ComfyUI's CLIPLayer.forward with ``x = x + ...`` instead of ``x += ...`` (autograd-safe)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    x = x + self.mlp(self.layer_norm2(x))
+    return x
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def _unet_blocks(diffusion_model) -> list[torch.nn.Module]:
+    blocks = []
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        part = getattr(diffusion_model, name, None)
+        if isinstance(part, torch.nn.ModuleList):
+            blocks.extend(part)
+        elif isinstance(part, torch.nn.Module):
+            blocks.append(part)
+    return blocks
+
+
+@contextlib.contextmanager
+def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpointing: bool = False,
+                     mixed_precision: bool = True):
+    """Load MODEL and CLIP for training and yield ``TrainingModules``; restore everything on exit.
+
+    copy_weights: "auto" (copy only when the loaded weights are inference tensors, i.e. inside
+    ComfyUI's executor), "always" or "never". Weight patches (LoRAs, partial UNet weights) are
+    applied by ComfyUI's loader before the copy, so the copy trains against the patched model.
+    mixed_precision: on CUDA, run forward passes under autocast in the model's half dtype.
+    The caller's objects end unchanged: rebound forwards and requires_grad flags are restored.
+    """
+    if copy_weights not in ("auto", "always", "never"):
+        raise ValueError(f"copy_weights must be auto, always or never, not {copy_weights!r}")
+    token_key, encoder, tokenizer = single_text_encoder(clip)
+    restore: list[Callable[[], None]] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+        base_model = model.model
+        needs_copy = copy_weights == "always" or (
+            copy_weights == "auto" and (_has_inference_tensors(base_model) or _has_inference_tensors(encoder)))
+        if needs_copy:
+            base_model, encoder = trainable_copy(base_model), trainable_copy(encoder)
+            if _has_inference_tensors(base_model) or _has_inference_tensors(encoder):
+                raise TrainingSetupError("Could not make trainable copies of the model weights (still inference tensors).")
+        try:
+            for module in (base_model, encoder):
+                flags = [(p, p.requires_grad) for p in module.parameters()]
+                restore.append(lambda flags=flags: [p.requires_grad_(f) for p, f in flags])
+                module.requires_grad_(False)
+            for layer in encoder.modules():
+                if type(layer).__name__ == "CLIPLayer":
+                    layer.forward = types.MethodType(_out_of_place_clip_layer_forward, layer)
+                    restore.append(lambda layer=layer: layer.__dict__.pop("forward", None))
+            if gradient_checkpointing:
+                for block in _unet_blocks(base_model.diffusion_model):
+                    block.forward = _checkpointed(block.forward)
+                    restore.append(lambda block=block: block.__dict__.pop("forward", None))
+            encoder.reset_clip_options()
+            restore.append(encoder.reset_clip_options)
+            if clip.layer_idx is not None:  # CLIPSetLastLayer (clip skip), as CLIP.encode_from_tokens applies it
+                encoder.set_clip_options({"layer": clip.layer_idx})
+            device = next(base_model.parameters()).device
+            half = base_model.get_dtype() if base_model.get_dtype() in (torch.float16, torch.bfloat16) else None
+            autocast = half if (mixed_precision and device.type == "cuda") else None
+            yield TrainingModules(base_model=base_model, encoder=encoder, tokenizer=tokenizer, token_key=token_key,
+                                  embedding_key=tokenizer.embedding_key, device=device, autocast_dtype=autocast,
+                                  copied=needs_copy)
+        finally:
+            for undo in reversed(restore):
+                undo()
+            if needs_copy:
+                del base_model, encoder
+                comfy.model_management.soft_empty_cache()
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A caption around the learned vectors, as token ids without start/end tokens."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    text: str
+
+
+def tokenize_caption(tokenizer, caption: str, num_vectors: int) -> PromptTokens:
+    """Token ids around the placeholder of ``caption``; a long suffix is cut to fit one 77-token chunk."""
+    before, after = caption_parts(caption)
+    ids = lambda text: tuple(tokenizer.tokenizer(text)["input_ids"][1:-1]) if text.strip() else ()
+    prefix, suffix = ids(before), ids(after)
+    room = tokenizer.max_length - 2 - num_vectors
+    if len(prefix) > room:
+        raise TrainingSetupError(f"Caption {caption!r} leaves no room for {num_vectors} vectors in 77 tokens")
+    return PromptTokens(prefix=prefix, suffix=suffix[: room - len(prefix)], text=caption)
+
+
+def prompt_row(prompt: PromptTokens, vectors: torch.Tensor, tokenizer) -> list:
+    """One 77-long token row for ComfyUI's SDClipModel: ints, with the (N, D) vectors as one item.
+
+    Laid out as ComfyUI's tokenizer lays out ``"prefix embedding:NAME suffix"``: start, prefix,
+    vectors, suffix, end, then padding up to ``max_length`` (vectors count N positions).
+    """
+    row = [tokenizer.start_token, *prompt.prefix, vectors, *prompt.suffix, tokenizer.end_token]
+    used = len(row) - 1 + vectors.shape[0]
+    return row + [tokenizer.pad_token] * (tokenizer.max_length - used)
+
+
+def encode_vectors(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor) -> torch.Tensor:
+    """Differentiable text conditioning (B, 77, D) for one prompt per batch item, float32."""
+    rows = [prompt_row(p, vectors, modules.tokenizer) for p in prompts]
+    context, _pooled = modules.encoder(rows)
+    return context
+
+
+def init_vectors_from_word(modules: TrainingModules, word: str, num_vectors: int) -> torch.Tensor:
+    """(N, D) float32 start vectors: the word's token embeddings, cycled to N (averaged when N = 1)."""
+    ids = list(modules.tokenizer.tokenizer(word)["input_ids"][1:-1]) if word.strip() else []
+    if not ids:
+        raise TrainingSetupError(f"Initialiser word {word!r} has no tokens; give a word such as 'person'")
+    table = modules.encoder.transformer.get_input_embeddings().weight
+    rows = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
+    if num_vectors == 1:
+        return rows.mean(dim=0, keepdim=True)
+    return rows[torch.arange(num_vectors) % len(ids)].clone()
+
+
+# --------------------------------------------------------------------------- data and loss
+
+
+@dataclass
+class TrainingBatch:
+    """One step's data. x0: (B, C, h, w) model-space latents; noise: same shape; sigma: (B,);
+    prompts: B indices into the prompt list."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    prompts: list[int]
+
+
+def process_latents(modules: TrainingModules, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (M, C, h, w) as VAEEncode returns them -> model-space latents on the CPU, float32."""
+    with torch.inference_mode(False), torch.no_grad():
+        return modules.base_model.process_latent_in(latents.clone().float()).float().cpu()
+
+
+def latent_batch_sampler(latents: torch.Tensor, model_sampling, prompt_choices: Sequence[Sequence[int]],
+                         config: InversionConfig) -> Callable[[int], TrainingBatch]:
+    """Draw step ``step``'s batch from cached model-space latents (M, C, h, w).
+
+    prompt_choices[i]: the prompt indices image i may be captioned with (its own caption, or the
+    templates). Everything random comes from ``step_generator(config.seed, step)`` on the CPU, so
+    the CLI and the node, CPU and GPU, fresh and resumed runs see the same draws.
+    """
+    if latents.dim() != 4 or latents.shape[0] == 0:
+        raise TrainingSetupError(f"Need a non-empty (M, C, h, w) latent batch, got {tuple(latents.shape)}")
+    if len(prompt_choices) != latents.shape[0]:
+        raise TrainingSetupError(f"{len(prompt_choices)} caption lists for {latents.shape[0]} images")
+
+    def sample(step: int) -> TrainingBatch:
+        generator = step_generator(config.seed, step)
+        index = torch.randint(0, latents.shape[0], (config.batch_size,), generator=generator)
+        prompts = [int(prompt_choices[i][int(torch.randint(0, len(prompt_choices[i]), (1,), generator=generator))])
+                   for i in index.tolist()]
+        t = sample_timesteps(config.batch_size, generator, config.timestep_min, config.timestep_max)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = model_sampling.sigma(t.float().to(model_sampling.sigmas.device)).float().cpu()
+        return TrainingBatch(x0=x0, noise=noise, sigma=sigma, prompts=prompts)
+    return sample
+
+
+def denoising_loss_on_batch(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor,
+                            batch: TrainingBatch) -> torch.Tensor:
+    """|| eps - eps_theta(x_t, c(vectors), t) ||^2 for one batch, differentiable in ``vectors``."""
+    device = modules.device
+    x0, noise, sigma = batch.x0.to(device), batch.noise.to(device), batch.sigma.to(device)
+    x_t = modules.model_sampling.noise_scaling(sigma, noise, x0)
+    with torch.autocast(device.type, dtype=modules.autocast_dtype, enabled=modules.autocast_dtype is not None):
+        context = encode_vectors(modules, [prompts[i] for i in batch.prompts], vectors.to(device))
+        denoised = modules.base_model.apply_model(x_t, sigma, c_crossattn=context)
+    return denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise)
+
+
+def make_loss_fn(modules: TrainingModules, prompts: Sequence[PromptTokens],
+                 sample_batch: Callable[[int], TrainingBatch]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The ``loss_fn(vectors, step)`` for ``invert_concept``; checks ComfyUI's interrupt flag first."""
+
+    def loss_fn(vectors: torch.Tensor, step: int) -> torch.Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return denoising_loss_on_batch(modules, prompts, vectors, sample_batch(step))
+    return loss_fn
+
+
+def evaluate_loss(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor,
+                  batches: Sequence[TrainingBatch]) -> float:
+    """Mean denoising loss of fixed vectors over fixed batches (held-out evaluation), no gradients."""
+    with torch.no_grad():
+        return float(sum(float(denoising_loss_on_batch(modules, prompts, vectors, b)) for b in batches) / len(batches))
+
+
+def encode_images(vae, images: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """VAE latents (M, C, h, w) of IMAGE pixels (M, H, W, 3) in [0, 1], encoded in chunks, on the CPU."""
+    if images.dim() != 4 or images.shape[-1] < 3:
+        raise TrainingSetupError(f"Images must be (M, H, W, 3) in [0, 1], got {tuple(images.shape)}")
+    with torch.inference_mode(False), torch.no_grad():
+        parts = [vae.encode(images[i:i + chunk, :, :, :3]).float().cpu().clone() for i in range(0, images.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+def fit_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE (M, H, W, C) resized so the short side is ``resolution``, then center-cropped square."""
+    if resolution % 8:
+        raise TrainingSetupError(f"resolution must be a multiple of 8, got {resolution}")
+    m, h, w, c = images.shape
+    if (h, w) == (resolution, resolution):
+        return images
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    pixels = torch.nn.functional.interpolate(images.movedim(-1, 1).float(), size=(nh, nw), mode="bicubic",
+                                             antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return pixels[:, :, top:top + resolution, left:left + resolution].movedim(1, -1).contiguous()
