@@ -1,0 +1,125 @@
+"""``python -m evaluation``: run the protocol, merge shards, write the report, or score a folder of images.
+
+    python -m evaluation run CONFIG.toml --out RUN_DIR [--shard i/n] [--comfyui PATH] [--skip-scoring]
+    python -m evaluation merge CONFIG.toml --out RUN_DIR SHARD_DIR [SHARD_DIR ...]
+    python -m evaluation report CONFIG.toml --out RUN_DIR
+    python -m evaluation score IMAGE_DIR [--label-set nudenet5@0.6 ...] [--json scores.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections
+from .engine import GraphError
+from .protocol import ConfigError, load_config, parse_shard
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _scorer():
+    from .nudenet_scorer import detect_file, detector_description, nudenet_detector
+    detector = nudenet_detector()
+    return (lambda path: detect_file(path, detector)), detector_description(detector)
+
+
+def _report(config, run_dir) -> dict:
+    from .report import print_summary, write_report
+    from .runner import score_missing
+    scorer, described = _scorer()
+    score_missing(config, run_dir, scorer)
+    results = write_report(config, run_dir, described)
+    print(print_summary(results))
+    print(f"wrote {os.path.join(run_dir, 'results.md')}, results.csv, results.json, grids/, dsr_chart.png")
+    return results
+
+
+def command_run(args) -> int:
+    from .engine import ComfyEngine
+    from .runner import generate
+    config = load_config(args.config)
+    shard = parse_shard(args.shard)
+    scorer = described = None
+    if not args.skip_scoring:
+        scorer, described = _scorer()  # fail before hours of generation when nudenet is missing
+    engine = ComfyEngine(args.comfyui, output_dir=os.path.join(args.out, ".comfy_output"))
+    stats = generate(engine, config, args.out, shard, scorer, args.max_new_images)
+    print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}, already done {len(stats.reused)}, "
+          f"scored {len(stats.scored)} in {stats.seconds:.1f} s")
+    if shard[1] == 1 and not args.skip_scoring and not args.max_new_images:
+        _report(config, args.out)
+    elif shard[1] > 1:
+        print(f"when every shard is done: python -m evaluation merge {args.config} --out MERGED_DIR SHARD_DIRS...")
+    return 0
+
+
+def command_merge(args) -> int:
+    from .runner import merge_run_dirs
+    config = load_config(args.config)
+    counts = merge_run_dirs(config, args.out, args.sources)
+    print(f"merged {len(args.sources)} directories into {args.out}: {counts}")
+    _report(config, args.out)
+    return 0
+
+
+def command_report(args) -> int:
+    _report(load_config(args.config), args.out)
+    return 0
+
+
+def command_score(args) -> int:
+    scorer, described = _scorer()
+    names = sorted(n for n in os.listdir(args.images) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}")
+    detections = [scorer(os.path.join(args.images, name)) for name in names]
+    summaries = [summarize_detections(detections, spec) for spec in args.label_set or [DEFAULT_LABEL_SET]]
+    for summary in summaries:
+        print(format_dsr(summary))
+    if args.json:
+        from .runner import atomic_write_json
+        atomic_write_json(args.json, {"detector": described, "summaries": summaries,
+                                      "images": [{"image": n, "detections": d} for n, d in zip(names, detections)]})
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="generate and score the items of a config (resumable)")
+    run.add_argument("config")
+    run.add_argument("--out", required=True, help="run directory (created; reopened to resume)")
+    run.add_argument("--shard", default="0/1", help="i/n: this job's share of the prompts (round robin)")
+    run.add_argument("--comfyui", default=None, help="ComfyUI source tree (default $COMFYUI_PATH)")
+    run.add_argument("--skip-scoring", action="store_true", help="only generate (score later with report/merge)")
+    run.add_argument("--max-new-images", type=int, default=0, help="stop after this many new images (0 = all)")
+    run.set_defaults(handler=command_run)
+    merge = commands.add_parser("merge", help="copy finished shard directories into one and write the report")
+    merge.add_argument("config")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("sources", nargs="+")
+    merge.set_defaults(handler=command_merge)
+    report = commands.add_parser("report", help="(re)write the table, grids and chart of a finished run")
+    report.add_argument("config")
+    report.add_argument("--out", required=True)
+    report.set_defaults(handler=command_report)
+    score = commands.add_parser("score", help="NudeNet DSR of a folder of images")
+    score.add_argument("images")
+    score.add_argument("--label-set", action="append",
+                       help=f"preset ({', '.join(PRESETS)}), FAMILY@T or LABELS@T; repeatable")
+    score.add_argument("--json", help="write per-image detections and summaries here")
+    score.set_defaults(handler=command_score)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, GraphError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+

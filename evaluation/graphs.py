@@ -1,0 +1,122 @@
+"""API-format ComfyUI graphs for one work item (row x prompt), built from stock nodes and the pack's nodes.
+
+Node ids are fixed strings so that consecutive items share loader nodes and ComfyUI's cache keeps the
+checkpoint loaded. ``resolve(folder, value)`` maps a config file entry to the name ComfyUI's folder lists
+(the engine registers absolute paths' folders first).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .protocol import SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, NegativeSource, PromptRecord, Row, RunConfig
+
+Resolve = Callable[[str, str], str]
+SAVE_NODE = "save"
+
+
+def comfy_file_name(value: str) -> str:
+    """The name ComfyUI lists for a config file entry: an absolute path's base name, else the entry itself."""
+    return os.path.basename(value) if os.path.isabs(value) else value
+
+
+def _model_nodes(config: RunConfig, row: Row, resolve: Resolve) -> tuple[dict, list, list, list]:
+    setup = config.models[row.model]
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple",
+                      "inputs": {"ckpt_name": resolve("checkpoints", setup.checkpoint)}}}
+    model, clip, vae = ["ckpt", 0], ["ckpt", 1], ["ckpt", 2]
+    if setup.unet:
+        graph["unet"] = {"class_type": "UNETLoader",
+                         "inputs": {"unet_name": resolve("diffusion_models", setup.unet), "weight_dtype": "default"}}
+        model = ["unet", 0]
+    if setup.text_encoder:
+        graph["te"] = {"class_type": "CLIPLoader",
+                       "inputs": {"clip_name": resolve("text_encoders", setup.text_encoder),
+                                  "type": "stable_diffusion"}}
+        clip = ["te", 0]
+    if setup.lora:
+        graph["lora"] = {"class_type": "LoraLoader",
+                         "inputs": {"model": model, "clip": clip, "lora_name": resolve("loras", setup.lora),
+                                    "strength_model": setup.lora_strength, "strength_clip": setup.lora_strength}}
+        model, clip = ["lora", 0], ["lora", 1]
+    return graph, model, clip, vae
+
+
+def _negative_nodes(source: NegativeSource, clip: list, resolve: Resolve) -> tuple[dict, list]:
+    """CONDITIONING of a negative source: plain text, or an implicit embedding (with optional text)."""
+    if not source.embedding:
+        return {"neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": source.text}}}, ["neg", 0]
+    graph = {
+        "neg_load": _load_implicit(source, resolve),
+        "neg": {"class_type": "ImplicitNegativeConditioning",
+                "inputs": {"clip": clip, "implicit_negative": ["neg_load", 0], "text": source.text,
+                           "mode": source.mode}},
+    }
+    return graph, ["neg", 0]
+
+
+def _load_implicit(source: NegativeSource, resolve: Resolve) -> dict:
+    return {"class_type": "LoadImplicitNegative",
+            "inputs": {"embedding": resolve("embeddings", source.embedding), "strength": source.strength}}
+
+
+def _safree_nodes(source: NegativeSource, clip: list, prompt: str, resolve: Resolve) -> dict:
+    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative."""
+    inputs = {"clip": clip, "prompt": prompt, "concept_keywords": source.text}
+    graph = {"safree": {"class_type": SAFREE_NODE, "inputs": inputs}}
+    if source.embedding:
+        graph["neg_load"] = _load_implicit(source, resolve)
+        inputs["implicit_negative"] = ["neg_load", 0]
+    return graph
+
+
+def patch_spec(row: Row) -> tuple[str, dict]:
+    """(node id, inputs) of the MODEL-patching guidance node; '$model'/'$clip'/'$concept' are wired later."""
+    if row.guidance == "sld":
+        return SLD_NODE, {"model": "$model", "safety_concept": "$concept", "preset": row.sld_preset}
+    return row.patch_node, dict(row.patch_inputs)
+
+
+def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve: Resolve, filename_prefix: str) -> dict:
+    """The whole graph for one image: load -> (patch) -> encode -> KSampler -> VAEDecode -> SaveImage."""
+    graph, model, clip, vae = _model_nodes(config, row, resolve)
+    positive, sampler_negative = ["pos", 0], ["empty", 0]
+    if row.guidance == "safree":
+        graph.update(_safree_nodes(config.negatives[row.negative], clip, prompt.prompt, resolve))
+        positive, sampler_negative = ["safree", 0], ["safree", 1]
+        if row.safree_reattention:
+            graph["patch"] = {"class_type": SAFREE_REATTENTION_NODE,
+                              "inputs": {"model": model, "safree_positive": positive}}
+            model = ["patch", 0]
+    elif row.guidance != "none":
+        negative_graph, concept = _negative_nodes(config.negatives[row.negative], clip, resolve)
+        graph.update(negative_graph)
+        in_sampler = row.negative_in_sampler if row.negative_in_sampler is not None else row.guidance == "negative_prompt"
+        if in_sampler:
+            sampler_negative = concept
+        if row.guidance in ("sld", "model_patch"):
+            node_id, inputs = patch_spec(row)
+            wiring = {"$model": model, "$clip": clip, "$concept": concept}
+            graph["patch"] = {"class_type": node_id,
+                              "inputs": {k: wiring.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}}
+            model = ["patch", 0]
+    if positive == ["pos", 0]:
+        graph["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt.prompt}}
+    if sampler_negative == ["empty", 0]:  # diffusers' unconditional branch: the empty prompt
+        graph["empty"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    graph["latent"] = {"class_type": "EmptyLatentImage",
+                       "inputs": {"width": config.width, "height": config.height, "batch_size": 1}}
+    graph["sample"] = {"class_type": "KSampler",
+                       "inputs": {"model": model, "positive": positive, "negative": sampler_negative,
+                                  "latent_image": ["latent", 0], "seed": prompt.seed, "steps": config.steps,
+                                  "cfg": prompt.guidance, "sampler_name": config.sampler,
+                                  "scheduler": config.scheduler, "denoise": 1.0}}
+    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae}}
+    graph[SAVE_NODE] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
+                                                              "filename_prefix": filename_prefix}}
+    return graph
+
+
+def node_types(graph: dict) -> set[str]:
+    return {node["class_type"] for node in graph.values()}

@@ -1,0 +1,272 @@
+"""The evaluation protocol as data: a TOML config, an I2P-layout prompt CSV, work items and shards.
+
+No ComfyUI and no detector here. A run is a grid of work items (table row x prompt); each item is one image
+whose file name depends only on the row and the prompt's index in the CSV, so resuming, sharding and merging
+are file-level operations. See ``evaluation/README`` text in the final report and ``example_config.toml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set
+
+# CSV column aliases (I2P: sd_seed / sd_guidance_scale; UnlearnDiffAtk/SAFREE: evaluation_seed / evaluation_guidance).
+PROMPT_COLUMNS = ("prompt", "adv_prompt", "text")
+SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance", "sd_guidance_scale", "cfg")
+CATEGORY_COLUMNS = ("categories", "category")
+
+GUIDANCE_KINDS = ("none", "negative_prompt", "sld", "safree", "model_patch")
+SLD_NODE = "SafeLatentGuidance"
+SAFREE_NODE = "SafreeConditioning"
+SAFREE_REATTENTION_NODE = "SafreeLatentReAttention"
+
+
+class ConfigError(ValueError):
+    """The run configuration or prompt file is wrong; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    index: int        # 0-based row in the CSV: the item's identity
+    prompt: str
+    seed: int
+    guidance: float
+    categories: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    name: str
+    checkpoint: str
+    unet: str = ""            # UNETLoader file replacing the checkpoint's UNet (ESD/UCE/RECE full UNet dicts)
+    text_encoder: str = ""    # CLIPLoader file replacing the checkpoint's text encoder (AdvUnlearn)
+    lora: str = ""            # LoraLoader file (DUO, SPM)
+    lora_strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class NegativeSource:
+    name: str
+    text: str = ""
+    embedding: str = ""       # implicit negative file (embeddings folder name or absolute path)
+    strength: float = 1.0
+    mode: str = "in_text_chunk"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a model setup, a guidance method and the negative it uses."""
+    name: str
+    model: str
+    guidance: str = "none"
+    negative: str = ""
+    sld_preset: str = "medium"
+    patch_node: str = ""
+    patch_inputs: tuple = ()          # sorted (key, value) pairs; "$model", "$clip", "$concept" are wired
+    negative_in_sampler: bool | None = None  # default: True for negative_prompt, False for patches
+    safree_reattention: bool = False         # SAFREE's latent re-attention (SafreeLatentReAttention) on top
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+@dataclass
+class RunConfig:
+    source: str
+    prompts_path: str
+    models: dict[str, ModelSetup]
+    negatives: dict[str, NegativeSource]
+    rows: list[Row]
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    cfg: float = 7.5
+    default_seed: int | None = None
+    limit: int = 0
+    label_set: str = DEFAULT_LABEL_SET
+    extra_label_sets: list[str] = field(default_factory=list)
+    pp_reference: str = ""
+    lpips_net: str = "alex"
+    lpips_backbone: str = ""
+    lpips_linear: str = ""
+    censor_grids: bool = True
+    grid_prompts: int = 8
+
+    def row(self, name: str) -> Row:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise ConfigError(f"no row named {name!r}; rows: {', '.join(r.name for r in self.rows)}")
+
+    def generation_fingerprint(self) -> str:
+        """Hash of everything that changes pixels; a run directory refuses items of another fingerprint."""
+        payload = {"size": [self.width, self.height], "steps": self.steps, "sampler": self.sampler,
+                   "scheduler": self.scheduler, "cfg": self.cfg, "default_seed": self.default_seed,
+                   "models": {k: vars(v) for k, v in sorted(self.models.items())},
+                   "negatives": {k: vars(v) for k, v in sorted(self.negatives.items())},
+                   "rows": [vars(r) for r in self.rows]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name.replace("*", " star").replace("+", " plus ")).strip("-").lower()
+    if not slug:
+        raise ConfigError(f"row name {name!r} gives an empty folder name")
+    return slug
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`") from None
+    with open(path, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def _resolve(base: str, value: str) -> str:
+    return value if not value or os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def _only(table: dict, allowed: set, where: str):
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def load_config(path: str) -> RunConfig:
+    """Read and validate a run config. Relative file paths are relative to the config file."""
+    raw = _read_toml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    _only(raw, {"run", "models", "negatives", "rows", "pp"}, path)
+    run = dict(raw.get("run", {}))
+    run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
+                "label_set", "extra_label_sets", "censor_grids", "grid_prompts"}
+    _only(run, run_keys, "[run]")
+    if "prompts" not in run:
+        raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
+
+    def file_key(value, key):
+        # A ComfyUI folder name ("sd/sd-v1-4.ckpt") unless absolute or explicitly relative ("./", "../").
+        explicit = value.startswith(("./", "../", ".\\", "..\\"))
+        return _resolve(base, value) if explicit else value
+
+    models = {}
+    for name, table in raw.get("models", {}).items():
+        _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength"}, f"[models.{name}]")
+        if not table.get("checkpoint"):
+            raise ConfigError(f"[models.{name}] needs checkpoint = 'file' (base model; SD1.4 for the paper)")
+        models[name] = ModelSetup(name=name, **{k: (file_key(v, k) if isinstance(v, str) else float(v))
+                                                for k, v in table.items()})
+    negatives = {}
+    for name, table in raw.get("negatives", {}).items():
+        _only(table, {"text", "embedding", "strength", "mode"}, f"[negatives.{name}]")
+        if not table.get("text") and not table.get("embedding"):
+            raise ConfigError(f"[negatives.{name}] needs text = '...' and/or embedding = 'file'")
+        values = dict(table)
+        if values.get("embedding"):
+            values["embedding"] = file_key(values["embedding"], "embedding")
+        negatives[name] = NegativeSource(name=name, **values)
+    rows = []
+    for number, table in enumerate(raw.get("rows", [])):
+        where = f"[[rows]] #{number + 1}"
+        _only(table, {"name", "model", "guidance", "negative", "sld_preset", "patch_node", "patch_inputs",
+                      "negative_in_sampler", "safree_reattention"}, where)
+        values = dict(table)
+        values["patch_inputs"] = tuple(sorted(values.get("patch_inputs", {}).items()))
+        row = Row(**values)
+        if row.model not in models:
+            raise ConfigError(f"{where} {row.name!r}: model {row.model!r} is not a [models.*] table")
+        if row.guidance not in GUIDANCE_KINDS:
+            raise ConfigError(f"{where} {row.name!r}: guidance {row.guidance!r} not in {GUIDANCE_KINDS}")
+        if row.guidance != "none" and row.negative not in negatives:
+            raise ConfigError(f"{where} {row.name!r}: guidance {row.guidance!r} needs negative = one of "
+                              f"{sorted(negatives)}")
+        if row.guidance == "model_patch" and not row.patch_node:
+            raise ConfigError(f"{where} {row.name!r}: model_patch needs patch_node = 'NodeId'")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no [[rows]]; each row = name, model, guidance, negative")
+    slugs = [row.slug for row in rows]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"row names must give distinct folder names; got {slugs}")
+    pp = dict(raw.get("pp", {}))
+    _only(pp, {"reference", "lpips_net", "lpips_backbone", "lpips_linear"}, "[pp]")
+    config = RunConfig(
+        source=os.path.abspath(path), prompts_path=_resolve(base, run.pop("prompts")), models=models,
+        negatives=negatives, rows=rows, **run,
+        pp_reference=pp.get("reference", ""), lpips_net=pp.get("lpips_net", "alex"),
+        lpips_backbone=_resolve(base, pp.get("lpips_backbone", "")),
+        lpips_linear=_resolve(base, pp.get("lpips_linear", "")))
+    for spec in [config.label_set, *config.extra_label_sets]:
+        label_set(spec)  # fail now, not after hours of generation
+    if config.pp_reference:
+        config.row(config.pp_reference)
+    return config
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
+    lowered = {h.strip().lower(): h for h in header}
+    return next((lowered[n] for n in names if n in lowered), None)
+
+
+def read_prompts(path: str, default_cfg: float, default_seed: int | None = None, limit: int = 0) -> list[PromptRecord]:
+    """Prompts in I2P layout. Required: a prompt column (``prompt``) and a seed column (``seed``,
+    ``evaluation_seed`` or ``sd_seed``) unless ``default_seed`` is set; optional guidance (``guidance``,
+    ``evaluation_guidance``, ``sd_guidance_scale``) and ``categories``. Extra columns are ignored."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        prompt_col = _pick(header, PROMPT_COLUMNS)
+        seed_col = _pick(header, SEED_COLUMNS)
+        guidance_col = _pick(header, GUIDANCE_COLUMNS)
+        category_col = _pick(header, CATEGORY_COLUMNS)
+        if prompt_col is None:
+            raise ConfigError(f"{path}: no prompt column (one of {PROMPT_COLUMNS}); header: {header}")
+        if seed_col is None and default_seed is None:
+            raise ConfigError(f"{path}: no seed column (one of {SEED_COLUMNS}); add one or set [run] default_seed")
+        records = []
+        for index, line in enumerate(reader):
+            if limit and index >= limit:
+                break
+            try:
+                seed = int(float(line[seed_col])) if seed_col else int(default_seed)
+                guidance = float(line[guidance_col]) if guidance_col and line[guidance_col].strip() else default_cfg
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{path} data row {index + 1}: bad seed/guidance ({error})") from None
+            records.append(PromptRecord(index, line[prompt_col], seed, guidance,
+                                        line[category_col] if category_col else ""))
+    if not records:
+        raise ConfigError(f"{path}: no prompts")
+    return records
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), 0 <= i < n."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match or not int(match[1]) < int(match[2]):
+        raise ConfigError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_prompts(prompts: list[PromptRecord], shard: tuple[int, int]) -> list[PromptRecord]:
+    """Round-robin by CSV index: every shard gets every row of its prompts (checkpoints load once per shard)."""
+    index, count = shard
+    return [p for p in prompts if p.index % count == index]
+
+
+def item_name(prompt: PromptRecord) -> str:
+    return f"{prompt.index:05d}"
