@@ -68,8 +68,10 @@ def pooled_outputs(clip, key: str, rows: list) -> torch.Tensor:
         model.set_clip_options({"layer": clip.layer_idx})
     model.set_clip_options({"projected_pooled": False, "execution_device": clip.patcher.load_device})
     clip.load_model()
-    encoder = getattr(model, f"clip_{key}")
-    output = encoder.encode([[token for token, *_ in row] for row in rows])
+    try:
+        output = getattr(model, f"clip_{key}").encode([[token for token, *_ in row] for row in rows])
+    finally:
+        model.reset_clip_options()
     pooled = output[1]
     if pooled is None:
         raise SafreeConfigError("This CLIP returns no pooled output, which SAFREE's concept subspace is built from.")

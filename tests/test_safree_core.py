@@ -147,3 +147,18 @@ def test_reattention_with_equal_branches_or_scale_one_is_the_identity():
     y = torch.randn(1, 4, 6, 6, generator=generator)
     assert torch.allclose(latent_reattention(x, y, scale=1.0), x, atol=1e-5)
     assert latent_reattention(x.half(), y.half(), 0.5).dtype == torch.float16
+
+
+def test_long_prompts_are_detected_and_projected_chunk_by_chunk():
+    """Two chunks, each with its own input space: chunk 2's trigger is found against chunk 2's tokens only."""
+    p_c = projection_matrix(basis(0))
+    hidden = torch.randn(12, D, generator=torch.Generator().manual_seed(6))
+    first = PromptChunk(token_rows=torch.tensor([1, 2, 3]), active_rows=torch.arange(0, 5),
+                        masked_pooled=torch.stack([basis(1)[0], basis(2)[0], basis(3)[0]]))  # no trigger
+    second = PromptChunk(token_rows=torch.tensor([7, 8, 9]), active_rows=torch.arange(6, 11),
+                         masked_pooled=torch.stack([basis(4)[0], basis(5)[0] * 3, basis(6)[0]]))  # row 8
+    result = safree_filter(hidden, [first, second], p_c)
+    assert result.flagged.nonzero().flatten().tolist() == [8]
+    expected = project_out_of_concept(hidden, projection_matrix(second.masked_pooled), p_c)[8]
+    assert torch.allclose(result.filtered[8], expected)
+    assert torch.equal(result.filtered[torch.arange(12) != 8], hidden[torch.arange(12) != 8])
