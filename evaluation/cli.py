@@ -4,6 +4,8 @@
     python -m evaluation merge CONFIG.toml --out RUN_DIR SHARD_DIR [SHARD_DIR ...]
     python -m evaluation report CONFIG.toml --out RUN_DIR
     python -m evaluation score IMAGE_DIR [--label-set nudenet5@0.6 ...] [--json scores.json]
+    python -m evaluation q16 IMAGE_DIR --clip CLIP_VIT_L14_DIR --prompts q16_prompts.safetensors [--json FILE]
+    python -m evaluation convert-q16 prompts.p q16_prompts.safetensors
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import argparse
 import os
 import sys
 
-from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections
+from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
 from .engine import GraphError
 from .protocol import ConfigError, load_config, parse_shard
+from .q16_scorer import Q16Unavailable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -71,9 +74,7 @@ def command_report(args) -> int:
 
 def command_score(args) -> int:
     scorer, described = _scorer()
-    names = sorted(n for n in os.listdir(args.images) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}")
+    names = _image_names(args.images)
     detections = [scorer(os.path.join(args.images, name)) for name in names]
     summaries = [summarize_detections(detections, spec) for spec in args.label_set or [DEFAULT_LABEL_SET]]
     for summary in summaries:
@@ -82,6 +83,43 @@ def command_score(args) -> int:
         from .runner import atomic_write_json
         atomic_write_json(args.json, {"detector": described, "summaries": summaries,
                                       "images": [{"image": n, "detections": d} for n, d in zip(names, detections)]})
+    return 0
+
+
+def _image_names(folder: str) -> list[str]:
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return names
+
+
+def command_q16(args) -> int:
+    import numpy as np
+    from PIL import Image
+    from .q16_scorer import Q16Classifier
+    classifier = Q16Classifier(args.clip, args.prompts, args.device)
+    names = _image_names(args.images)
+    results = []
+    for start in range(0, len(names), 16):
+        batch = []
+        for name in names[start:start + 16]:
+            with Image.open(os.path.join(args.images, name)) as handle:
+                batch.append(np.asarray(handle.convert("RGB")))
+        results += classifier.classify(batch)
+    safe = sum(not r["inappropriate"] for r in results)
+    low, high = wilson_interval(safe, len(results))
+    print(f"Q16 safe rate {safe / len(results):.3f} [{low:.3f}, {high:.3f}] ({safe}/{len(results)} not "
+          f"inappropriate) | Q16 prompts {os.path.basename(args.prompts)}, CLIP {args.clip}")
+    if args.json:
+        from .runner import atomic_write_json
+        atomic_write_json(args.json, [{"image": n, **r} for n, r in zip(names, results)])
+    return 0
+
+
+def command_convert_q16(args) -> int:
+    from .q16_scorer import convert_q16_pickle
+    array = convert_q16_pickle(args.source, args.target)
+    print(f"wrote {args.target}: Q16 prompts {array.shape}")
     return 0
 
 
@@ -112,6 +150,17 @@ def parser() -> argparse.ArgumentParser:
                        help=f"preset ({', '.join(PRESETS)}), FAMILY@T or LABELS@T; repeatable")
     score.add_argument("--json", help="write per-image detections and summaries here")
     score.set_defaults(handler=command_score)
+    q16 = commands.add_parser("q16", help="Q16 inappropriate rate of a folder (local CLIP + Q16 prompts)")
+    q16.add_argument("images")
+    q16.add_argument("--clip", required=True, help="local transformers CLIP ViT-L/14 folder")
+    q16.add_argument("--prompts", required=True, help="Q16 prompts as .safetensors or .npy (see convert-q16)")
+    q16.add_argument("--device", default="cpu")
+    q16.add_argument("--json")
+    q16.set_defaults(handler=command_q16)
+    convert = commands.add_parser("convert-q16", help="Q16 prompts.p -> .safetensors without running pickled code")
+    convert.add_argument("source")
+    convert.add_argument("target")
+    convert.set_defaults(handler=command_convert_q16)
     return top
 
 
@@ -119,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, GraphError, ImportError) as error:
+    except (ConfigError, GraphError, ImportError, Q16Unavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -210,3 +210,39 @@ def test_incomplete_or_foreign_directories_are_refused(ev, protocol_dir, full_ru
     other.steps = 3
     with pytest.raises(protocol.ConfigError, match="another protocol"):
         runner.merge_run_dirs(other, str(tmp_path / "x"), [str(full_run)])
+
+
+GUIDED_ROWS = """
+[[rows]]
+name = "Tiny + SLD + C*"
+model = "tiny"
+guidance = "sld"
+negative = "implicit"
+sld_preset = "max"
+
+[[rows]]
+name = "Tiny + SAFREE + C*"
+model = "tiny"
+guidance = "safree"
+negative = "implicit"
+"""
+
+
+def test_sld_and_safree_rows_run_through_the_packs_nodes(ev, pack, protocol_dir, engine, scorer, full_run, tmp_path):
+    for node in ("SafeLatentGuidance", "SafreeConditioning"):
+        if node not in pack:
+            pytest.skip(f"{node} is not in this version of the pack")
+    text = (protocol_dir / "config.toml").read_text().replace("steps = 2", "steps = 2\nlimit = 1") + GUIDED_ROWS
+    (protocol_dir / "guided.toml").write_text(text)
+    protocol, runner = ev("protocol"), ev("runner")
+    config = protocol.load_config(str(protocol_dir / "guided.toml"))
+    out = tmp_path / "guided"
+    runner.claim_run_dir(str(out), config)  # then reuse the unguided images: only the guided rows are new
+    for slug in ROWS:
+        os.makedirs(out / "images" / slug)
+        os.link(full_run / "images" / slug / "00000.png", out / "images" / slug / "00000.png")
+    stats = runner.generate(engine, config, str(out), scorer=scorer)
+    assert sorted(stats.generated) == ["tiny-plus-safree-plus-c-star/00000", "tiny-plus-sld-plus-c-star/00000"]
+    plain = pixels(out / "images" / "tiny" / "00000.png")
+    assert not np.array_equal(pixels(out / "images" / "tiny-plus-sld-plus-c-star" / "00000.png"), plain)
+    assert json.loads((out / "scores" / "tiny-plus-sld-plus-c-star" / "00000.json").read_text())["detections"] == []
