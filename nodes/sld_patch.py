@@ -1,0 +1,246 @@
+"""SafeLatentGuidance at sampling time: ComfyUI sampling hooks around the core SLD step.
+
+ComfyUI's samplers see x0 ("denoised") predictions; SLD's thresholds live in ε space, so every
+prediction is converted with ``ε = (x − x0)/σ``. The patch is a post-CFG function (it stacks with
+other guidance patches such as RescaleCFG, SAG, PAG) that
+
+  * evaluates the safety concept at the same x and σ, as one extra ``calc_cond_batch`` pass, or
+    (fast path) inside the model's own batched call through the calc_cond_batch slot;
+  * computes γ with the core, advances the momentum once per sampler step (Heun, DPM++ 2S call the
+    model several times per step), and returns ``x0_cfg + s·σ·γ`` (⇔ ``ε_cfg − s·γ``) after warm-up.
+
+State (the momentum) lives for one sampling run: it is reset by an OUTER_SAMPLE wrapper at the start
+of every run and, as a second guard, whenever the schedule tensor or the latent shape changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..implicit_negatives.sld import (REFERENCE_STEPS, SLDParams, StepMomentum, eps_from_denoised, sampler_step_index,
+                                      sld_enabled, sld_safety_term, warmup_steps_from_fraction)
+
+WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
+
+# Conditioning options that only ComfyUI's process_conds() resolves (areas, masks, ControlNet, GLIGEN, hooks,
+# timestep ranges). A model patch evaluates the safety concept without process_conds, so it refuses them
+# instead of silently ignoring them.
+UNSUPPORTED_SAFETY_OPTIONS = ("area", "mask", "control", "gligen", "hooks")
+
+
+class SafeLatentGuidanceError(ValueError):
+    """SafeLatentGuidance cannot serve this model or safety concept; the message says how to fix it."""
+
+
+def check_model(model) -> None:
+    """Refuse models whose predictions the ε-space SLD math does not fit."""
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.EPS):
+        raise SafeLatentGuidanceError(
+            f"SafeLatentGuidance supports ε- and v-prediction diffusion models (SD1.x, SD2.x, SDXL); this model "
+            f"samples with {type(sampling).__name__} ({', '.join(c.__name__ for c in type(sampling).__mro__[1:3])}), "
+            "e.g. a flow-matching model, whose noise is not (x − x0)/σ. Use a Stable Diffusion checkpoint.")
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    if not context_dim:
+        raise SafeLatentGuidanceError(
+            "SafeLatentGuidance needs a cross-attention UNet that reads text conditioning (SD1.x, SD2.x, SDXL); "
+            f"this model ({type(model.model).__name__}) has none.")
+
+
+def check_safety_concept(model, safety_concept) -> list:
+    """Validate the safety CONDITIONING against the model; return it converted for calc_cond_batch."""
+    if not safety_concept:
+        raise SafeLatentGuidanceError(
+            "The safety concept is empty: connect a CONDITIONING, e.g. ImplicitNegativeConditioning's output or "
+            "a CLIPTextEncode of the concept to steer away from.")
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    needs_pooled = bool(model.model.model_config.unet_config.get("adm_in_channels"))
+    for index, (tensor, options) in enumerate(safety_concept):
+        if tensor is None or tensor.ndim != 3 or tensor.shape[1] == 0:
+            raise SafeLatentGuidanceError(
+                f"Safety concept entry {index} holds no text embedding ({None if tensor is None else tuple(tensor.shape)}); "
+                "connect the output of a text encode node.")
+        if tensor.shape[-1] != context_dim:
+            raise SafeLatentGuidanceError(
+                f"Safety concept width {tensor.shape[-1]} does not fit this model's cross-attention width {context_dim}: "
+                "encode the safety concept with the CLIP of the same checkpoint (e.g. an SD2 or SDXL CLIP on an SD1 model "
+                "gives this error).")
+        if needs_pooled and options.get("pooled_output") is None:
+            raise SafeLatentGuidanceError(
+                "This model (e.g. SDXL) needs a pooled text embedding, and the safety concept has none: encode it with "
+                "the checkpoint's own CLIP node.")
+        unsupported = [key for key in UNSUPPORTED_SAFETY_OPTIONS if options.get(key) is not None]
+        if options.get("start_percent", 0.0) != 0.0 or options.get("end_percent", 1.0) != 1.0:
+            unsupported.append("timestep range")
+        if unsupported:
+            raise SafeLatentGuidanceError(
+                f"The safety concept carries {', '.join(unsupported)}, which a model patch cannot apply to the safety "
+                "pass. Connect the plain text/implicit-negative conditioning instead (apply ControlNet, areas, masks "
+                "and timestep ranges to the prompt, not to the safety concept).")
+    return comfy.sampler_helpers.convert_cond(safety_concept)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Warm-up δ either in sampler steps, or as a fraction of the run's steps."""
+
+    steps: int | None = None
+    fraction: float | None = None
+
+    def steps_for(self, total_steps: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return warmup_steps_from_fraction(self.fraction, total_steps)
+
+    @classmethod
+    def of_preset(cls, params: SLDParams, unit: str) -> "Warmup":
+        if unit == "steps":
+            return cls(steps=params.warmup_steps)
+        return cls(fraction=params.warmup_steps / REFERENCE_STEPS)
+
+
+@dataclass
+class SamplingRun:
+    """Everything SLD remembers during one sampling run."""
+
+    sample_sigmas: torch.Tensor
+    sigmas: list[float]
+    shape: torch.Size
+    warmup_steps: int
+    momentum: StepMomentum = field(default_factory=StepMomentum)
+    safety_conds: list | None = None
+    stash: tuple | None = None          # fast path: (x, sigma, safety x0) from the batched model call
+    evaluations: int = 0                # post-CFG calls (model evaluations) in this run
+    safety_passes: int = 0              # separate safety-concept model calls (0 on the fast path)
+    guided_evaluations: int = 0         # evaluations after warm-up, where the output was changed
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+class SafeLatentGuidancePatch:
+    """The sampling hooks for one SafeLatentGuidance node output (shared by clones of that MODEL)."""
+
+    def __init__(self, safety_conds: list, params: SLDParams, warmup: Warmup, fast_batched: bool):
+        self.safety_conds = safety_conds
+        self.params = params
+        self.warmup = warmup
+        self.fast_batched = fast_batched
+        self.run: SamplingRun | None = None
+        self.last_run: SamplingRun | None = None
+        self._warned_missing_stash = False
+
+    def __deepcopy__(self, memo):
+        # model_options are deep-copied by ModelPatcher.clone(); the hooks (and their run state) are shared,
+        # and each run resets them, so a clone never sees another run's momentum.
+        return self
+
+    def install(self, model):
+        """Return a clone of ``model`` carrying the hooks; ``model`` itself is left untouched."""
+        if self.fast_batched and "sampler_calc_cond_batch_function" in model.model_options:
+            raise SafeLatentGuidanceError(
+                "fast_batched needs ComfyUI's single calc_cond_batch slot, and another patch on this model already "
+                "uses it (e.g. SkipLayerGuidanceDiTSimple or a second SafeLatentGuidance): turn fast_batched off.")
+        patched = model.clone()
+        patched.set_model_sampler_post_cfg_function(self.post_cfg, disable_cfg1_optimization=True)
+        if self.fast_batched and sld_enabled(self.params):
+            patched.set_model_sampler_calc_cond_batch_function(self.calc_cond_batch)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
+        return patched
+
+    # ------------------------------------------------------------------ run state
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self.run = None  # a new sampling run: fresh momentum
+        return executor(*args, **kwargs)
+
+    def run_for(self, model_options: dict, x: torch.Tensor) -> SamplingRun:
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sample_sigmas is None:
+            raise SafeLatentGuidanceError(
+                "SafeLatentGuidance needs the sampler's schedule (transformer_options['sample_sigmas'], "
+                "ComfyUI >= 0.3.64) to count steps; update ComfyUI.")
+        run = self.run
+        if run is None or run.sample_sigmas is not sample_sigmas or run.shape != x.shape:
+            sigmas = [float(s) for s in sample_sigmas.flatten().tolist()]
+            run = SamplingRun(sample_sigmas=sample_sigmas, sigmas=sigmas, shape=x.shape,
+                              warmup_steps=self.warmup.steps_for(len(sigmas) - 1))
+            self.run = self.last_run = run
+        return run
+
+    def encoded_safety(self, run: SamplingRun, model, x: torch.Tensor) -> list:
+        if run.safety_conds is None:
+            run.safety_conds = comfy.samplers.encode_model_conds(
+                model.extra_conds, [dict(c) for c in self.safety_conds], x, x.device, "negative")
+        return run.safety_conds
+
+    # ------------------------------------------------------------------ hooks
+
+    def calc_cond_batch(self, args: dict) -> list:
+        """Fast path: uncond, cond and safety in one batched model call (as diffusers does)."""
+        x, sigma, model, model_options = args["input"], args["sigma"], args["model"], args["model_options"]
+        run = self.run_for(model_options, x)
+        conds = list(args["conds"]) + [self.encoded_safety(run, model, x)]
+        out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+        run.stash = (x, sigma, out[2])
+        return out[:2]
+
+    def safety_denoised(self, run: SamplingRun, args: dict) -> torch.Tensor:
+        x, sigma = args["input"], args["sigma"]
+        if run.stash is not None and run.stash[0] is x and run.stash[1] is sigma:
+            denoised = run.stash[2]
+            run.stash = None
+            return denoised
+        if self.fast_batched and not self._warned_missing_stash:
+            logging.warning("SafeLatentGuidance: another patch replaced the calc_cond_batch hook after this node; "
+                            "the safety concept is evaluated in a separate pass (correct, but slower).")
+            self._warned_missing_stash = True
+        run.safety_passes += 1
+        # The safety concept goes in the "uncond" slot (index 1), so attention patches treat it like a negative.
+        _, denoised = comfy.samplers.calc_cond_batch(
+            args["model"], [None, self.encoded_safety(run, args["model"], x)], x, sigma, args["model_options"])
+        return denoised
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        if not sld_enabled(self.params):
+            return denoised
+        if args.get("uncond") is None:
+            raise SafeLatentGuidanceError(
+                "SafeLatentGuidance needs an unconditional/negative branch, and this sampler has none: use KSampler "
+                "(or a CFGGuider) with a negative conditioning.")
+        x, sigma = args["input"], args["sigma"]
+        run = self.run_for(args["model_options"], x)
+        run.evaluations += 1
+        step = sampler_step_index(run.sigmas, float(sigma.flatten()[0]))
+        momentum = run.momentum.at_step(step)
+
+        safety = self.safety_denoised(run, args)
+        if not torch.isfinite(safety).all():
+            raise FloatingPointError(
+                f"SafeLatentGuidance: the safety-concept pass returned NaN/Inf at step {step} (sigma "
+                f"{float(sigma.flatten()[0]):.4g}). Sampling stops instead of continuing without safety guidance. "
+                "Usual causes: fp16 overflow in the UNet (run with --force-fp32 or a bf16 model) or a broken "
+                "embedding in the safety concept.")
+        sigma32 = sigma.float()
+        x32 = x.float()
+        eps_uncond = eps_from_denoised(x32, args["uncond_denoised"].float(), sigma32)
+        eps_cond = eps_from_denoised(x32, args["cond_denoised"].float(), sigma32)
+        eps_safety = eps_from_denoised(x32, safety.float(), sigma32)
+        gamma, new_momentum = sld_safety_term(eps_uncond, eps_cond, eps_safety, momentum, self.params)
+        run.momentum.propose(new_momentum)
+        if step < run.warmup_steps:
+            return denoised
+        run.guided_evaluations += 1
+        cfg_scale = args.get("cond_scale", 1.0)
+        shift = cfg_scale * sigma32.reshape(-1, *([1] * (x.ndim - 1))) * gamma  # ε_out = ε_cfg − s·γ
+        return denoised + shift.to(denoised.dtype)
