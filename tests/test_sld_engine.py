@@ -245,3 +245,34 @@ def test_presets_and_warmup_units_resolve_as_documented(pack_module):
     assert params.guidance_scale == 200.0 and warmup.steps_for(20) == 3
     with pytest.raises(ValueError, match="preset"):
         nodes.resolve_settings("extreme", "steps", 0, 0, 0, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------- the shipped workflow
+
+def test_api_workflow_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint, embeddings_dir):
+    """workflows/api/sld_implicit_negative.json (twin of the UI workflow) through ComfyUI's validator and executor."""
+    import json
+    import os
+
+    import folder_paths
+    from PIL import Image
+
+    import comfy_rig
+    from implicit_negatives.embedding_io import save_embedding
+
+    save_embedding(str(embeddings_dir / "sld_test_negative.safetensors"),
+                   {"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(5)) * 0.3}, {"concept": "test"})
+    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "sld_implicit_negative.json")) as handle:
+        graph = json.load(handle)
+    by_type = {node["class_type"]: node["inputs"] for node in graph.values()}
+    assert by_type["KSampler"]["model"] == [next(k for k, n in graph.items() if n["class_type"] == "SafeLatentGuidance"), 0]
+    by_type["CheckpointLoaderSimple"]["ckpt_name"] = tiny_checkpoint[1]
+    by_type["LoadImplicitNegative"]["embedding"] = "sld_test_negative.safetensors"
+    by_type["EmptyLatentImage"].update(width=64, height=64)
+    by_type["KSampler"]["steps"] = 5
+    by_type["SaveImage"]["filename_prefix"] = "sld_graph_test"
+    executor, _ = comfy_rig.run_graph(graph)
+    save_id = next(k for k, n in graph.items() if n["class_type"] == "SaveImage")
+    images = executor.history_result["outputs"][save_id]["images"]
+    path = os.path.join(folder_paths.get_output_directory(), images[0]["subfolder"], images[0]["filename"])
+    assert Image.open(path).size == (64, 64)
