@@ -1,0 +1,100 @@
+"""Cost of SafeLatentGuidance relative to plain CFG, measured side by side in one run.
+
+    python -m bench.sld_overhead                       # tiny random SD1.5 checkpoint, CPU or GPU
+    python -m bench.sld_overhead --checkpoint PATH --size 512 --steps 25    # a real checkpoint
+
+Samples the same seed with the stock KSampler three ways: plain CFG, SLD with its separate safety pass
+(default), and SLD's fast path (uncond, prompt and safety in one batched model call). Runs are
+interleaved (plain, sld, fast, plain, ...) so machine load hits all three alike; the medians and their
+ratios to plain CFG are printed. The physical floor is 1.5x: three model evaluations instead of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+
+import comfy_rig  # noqa: E402
+
+
+def load_engine_and_pack():
+    path, how = comfy_rig.locate_comfyui()
+    if path is None:
+        raise SystemExit(f"this benchmark needs ComfyUI: {how}")
+    nodes = comfy_rig.import_comfy(path)
+    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
+        raise SystemExit("ComfyUI failed to load the pack (see log)")
+    return nodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sld_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="SD1.x/SDXL checkpoint file (default: the tiny random SD1.5 fixture)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size/8)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: a tiny model only contends with more on a shared CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    nodes = load_engine_and_pack()
+    import comfy.model_management
+    import comfy.sd
+    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path()
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)
+    encode = nodes.CLIPTextEncode().encode
+    positive, negative = encode(clip, "a photo of a person on a beach")[0], encode(clip, "")[0]
+    safety = encode(clip, "nudity, violence, blood")[0]
+    sld = nodes.NODE_CLASS_MAPPINGS["SafeLatentGuidance"]
+    settings = dict(preset="max", warmup_unit="fraction_of_run", sld_guidance_scale=1000.0, sld_warmup_steps=0,
+                    sld_warmup_fraction=0.0, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4)
+    variants = {
+        "plain CFG": model,
+        "SLD (separate safety pass)": sld.execute(model, safety, **settings, fast_batched=False).result[0],
+        "SLD fast (one batched call)": sld.execute(model, safety, **settings, fast_batched=True).result[0],
+    }
+    latent = {"samples": torch.zeros(args.batch, 4, args.size // 8, args.size // 8)}
+    device = comfy.model_management.get_torch_device()
+
+    def sample(patched) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        nodes.common_ksampler(patched, 0, args.steps, 7.5, args.sampler, "normal", positive, negative, latent,
+                              disable_noise=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for patched in variants.values():  # warm-up: model load, kernels, allocator
+        sample(patched)
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, patched in variants.items():
+            times[name].append(sample(patched))
+
+    plain = statistics.median(times["plain CFG"])
+    print(f"checkpoint {os.path.basename(checkpoint)}, device {device}, {args.steps} steps {args.sampler}, "
+          f"{args.size}px, batch {args.batch}, median of {args.repeats}")
+    print(f"{'variant':32s} {'median s':>9s} {'ratio':>7s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:32s} {median:9.3f} {median / plain:6.2f}x")
+    print("floor 1.50x (3 model evaluations instead of 2); target for the fast path <= 1.55x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
