@@ -1,0 +1,176 @@
+"""``python -m trainer`` on the tiny SD1.5 checkpoint: weight layouts, end-to-end output, kill + resume."""
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from implicit_negatives.embedding_io import load_embedding
+from implicit_negatives.inversion import load_state
+
+import comfy_rig
+
+
+@pytest.fixture(scope="module")
+def weights(pack_module):
+    return importlib.import_module(pack_module.__name__ + ".trainer.weights")
+
+
+@pytest.fixture(scope="module")
+def cli(pack_module):
+    return importlib.import_module(pack_module.__name__ + ".trainer.cli")
+
+
+def diffusers_unet_state(model, only=lambda key: True, scale=1.0):
+    """The tiny model's UNet under diffusers key names (what ESD/UCE/RECE save), optionally filtered."""
+    import comfy.utils
+    ldm_state = model.model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {d: (ldm_state[k].float() * scale).contiguous() for d, k in mapping.items() if k in ldm_state and only(d)}
+
+
+def test_partial_diffusers_unet_is_merged_as_patches_with_a_report(weights, tiny_sd15, tmp_path):
+    model = tiny_sd15[0]
+    partial = diffusers_unet_state(model, lambda d: "attn2.to_k" in d or "attn2.to_v" in d, scale=0.0)
+    partial["not.a.unet.key"] = torch.zeros(3)
+    path = str(tmp_path / "esd-x-strict.safetensors")
+    save_file(partial, path)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, report = weights.apply_unet_weights(model, path)
+    assert report.layout == "partial UNet, diffusers keys"
+    assert (report.matched, report.total) == (len(partial) - 1, len(partial)) and report.matched >= 4
+    assert report.unmatched == ["not.a.unet.key"]
+    assert f"{report.matched}/{report.total} keys matched" in report.describe()
+    import comfy.utils
+    ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    assert set(patched.patches) - set(model.patches) == {"diffusion_model." + ldm[d] for d in partial if d in ldm}
+    key = next(k for k in patched.patches if "attn2.to_k" in k)
+    assert patched.patches[key][-1][1][0] == "set"  # (strength, ("set", (weight,)), ...) in ComfyUI's patch list
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())  # the shared model is untouched
+
+
+def test_full_diffusers_unet_and_mismatches(weights, tiny_sd15, tmp_path):
+    model = tiny_sd15[0]
+    full = diffusers_unet_state(model)
+    patches, report = weights.unet_patches(model, full, "full.pt")
+    assert report.layout == "full UNet, diffusers keys" and report.matched == len(model.model.diffusion_model.state_dict())
+    with pytest.raises(weights.WeightLayoutError, match="none of its 2 keys"):
+        weights.unet_patches(model, {"foo.weight": torch.zeros(1), "bar": torch.zeros(1)}, "other.safetensors")
+    key = next(k for k in full if "attn2.to_k" in k)
+    with pytest.raises(weights.WeightLayoutError, match="different architecture"):
+        weights.unet_patches(model, {key: torch.zeros(320, 1024)}, "sd2.safetensors")
+
+
+def test_lora_is_applied_through_comfyui_with_a_report(weights, tiny_sd15, tmp_path):
+    model, clip, _ = tiny_sd15
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    lora = {f"{name}.lora_down.weight": torch.randn(1, 320) * 0.01, f"{name}.lora_up.weight": torch.randn(320, 1) * 0.01,
+            f"{name}.alpha": torch.tensor(1.0)}
+    path = str(tmp_path / "spm.safetensors")
+    save_file(lora, path)
+    new_model, new_clip, report = weights.apply_lora(model, clip, path, 1.0)
+    assert report.matched == 1 and new_model is not model
+    save_file({"lora_te_nothing.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(weights.WeightLayoutError, match="no LoRA key matched"):
+        weights.apply_lora(model, clip, str(tmp_path / "bad.safetensors"), 1.0)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory, tiny_checkpoint, tiny_sd15):
+    """Two 64x80 concept images (one captioned) and a partial ESD-style UNet patch."""
+    folder = tmp_path_factory.mktemp("cli")
+    images = folder / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(2):
+        pixels = (torch.rand(80, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    (images / "1.txt").write_text("a red {} on a table")
+    unet = folder / "esd-x.safetensors"
+    save_file(diffusers_unet_state(tiny_sd15[0], lambda d: "attn2.to_v" in d, scale=0.5), str(unet))
+    base = ["--checkpoint", os.path.join(*tiny_checkpoint), "--unet", str(unet), "--images", str(images),
+            "--resolution", "64", "--steps", "3", "--checkpoint-every", "1", "--init-word", "cat", "--seed", "4",
+            "--concept", "test concept"]
+    return folder, base
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cli, run_inputs, embeddings_dir):
+    folder, base = run_inputs
+    import io
+    from contextlib import redirect_stdout
+    log = io.StringIO()
+    with redirect_stdout(log):
+        code = cli.main(base + ["--name", "cli_test", "--work-dir", str(folder / "work_a"), "--preview-steps", "2"])
+    assert code == 0
+    return embeddings_dir / "cli_test.safetensors", folder / "work_a", log.getvalue()
+
+
+def test_cli_writes_an_embedding_comfyui_loads(comfy, uninterrupted, tiny_sd15, embeddings_dir):
+    path, work, log = uninterrupted
+    import re
+    assert re.search(r"esd-x\.safetensors: partial UNet, diffusers keys, (\d+)/\1 keys matched", log), log
+    embedding = load_embedding(str(path))
+    assert embedding.vectors["clip_l"].shape == (1, 768)
+    meta = embedding.metadata
+    assert meta["steps"] == "3" and meta["init_word"] == "cat" and meta["concept"] == "test concept"
+    assert meta["intended_use"] == "negative" and len(meta["base_model_hash"]) == 64
+    assert "partial UNet" in meta["unlearned_model"]
+    from comfy.sd1_clip import load_embed
+    assert torch.equal(load_embed("cli_test", [str(embeddings_dir)], 768, "clip_l"),
+                       embedding.vectors["clip_l"])
+    encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
+    with_embedding = encode(tiny_sd15[1], "embedding:cli_test")[0][0][0]
+    assert (with_embedding - encode(tiny_sd15[1], "")[0][0][0]).abs().max() > 1e-3
+    rows = (work / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,ema" and len(rows) == 4
+    assert Image.open(work / "loss.png").size == (800, 400)
+    assert Image.open(work / "preview-final.png").size == (64, 64)
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(cli, run_inputs, uninterrupted, tmp_path):
+    """SIGKILL the CLI after its first checkpoint; --resume then reproduces the uninterrupted embedding."""
+    folder, base = run_inputs
+    target = tmp_path / "resumed.safetensors"
+    work = tmp_path / "work_b"
+    args = base + ["--output", str(target), "--work-dir", str(work), "--no-preview"]
+    comfy_path, _ = comfy_rig.locate_comfyui()
+    env = dict(os.environ, COMFYUI_PATH=comfy_path)
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=comfy_rig.REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    state_path = work / "state.pt"
+    while not state_path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert state_path.exists(), stderr.decode()[-2000:]
+    killed_at = load_state(str(state_path))["step"]
+    assert 1 <= killed_at < 3 and not target.exists()  # never a partial output at the destination
+
+    assert cli.main(args + ["--resume"]) == 0
+    resumed = load_embedding(str(target)).vectors["clip_l"]
+    assert torch.equal(resumed, load_embedding(str(uninterrupted[0])).vectors["clip_l"])
+    assert load_state(str(state_path))["losses"].tolist() == load_state(str(uninterrupted[1] / "state.pt"))["losses"].tolist()
+
+
+def test_cli_without_comfyui_says_how_to_point_at_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=comfy_rig.REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "COMFYUI_PATH" in result.stderr
+    env["COMFYUI_PATH"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=comfy_rig.REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not a ComfyUI source tree" in result.stderr

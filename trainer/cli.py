@@ -1,0 +1,261 @@
+"""``python -m trainer``: learn an implicit negative against an unlearned model, from the command line.
+
+Reads top to bottom like a training script: arguments, model, data, latents, loop, output.
+Run ``python -m trainer --help`` for every option; ``__main__.py`` finds ComfyUI first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+
+import comfy.model_management
+import folder_paths
+
+from ..implicit_negatives import __version__
+from ..implicit_negatives.embedding_io import save_embedding, sha256_file
+from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept, load_state, save_state
+from . import comfy_inversion as ci
+from .data import generate_images, load_image_folder, read_prompts
+from .report import plot_losses, smoothed, write_loss_csv
+from .weights import load_checkpoint, load_unlearned_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Concept inversion: learn an implicit negative embedding against an unlearned SD model "
+                    "(textual inversion with every weight frozen; defaults are the paper's).")
+    model = p.add_argument_group("unlearned model (loaded with ComfyUI's loaders)")
+    model.add_argument("--checkpoint", required=True, help="single-file SD1.x/SD2.x checkpoint (.safetensors/.ckpt)")
+    model.add_argument("--unet", help="replacement UNet weights: a full diffusers-key UNet (ESD/UCE/RECE .pt/.bin/"
+                                      ".safetensors) or a partial one (new ESD/UCE code), merged as patches")
+    model.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                       help="LoRA to apply (SPM, DUO); repeatable")
+    model.add_argument("--text-encoder", help="replacement text encoder (AdvUnlearn): file or transformers folder")
+
+    data = p.add_argument_group("data (one of)")
+    data.add_argument("--images", help="folder of concept images; optional same-name .txt captions")
+    data.add_argument("--generate-from", metavar="CHECKPOINT",
+                      help="generate the images with this reference checkpoint (e.g. the original SD1.4)")
+    data.add_argument("--generate-prompts", help="prompt, or a text file with one prompt per line")
+    data.add_argument("--generate-count", type=int, default=25, help="images per prompt (default 25)")
+    data.add_argument("--generate-steps", type=int, default=25)
+    data.add_argument("--generate-cfg", type=float, default=7.5)
+    data.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (default 512)")
+    data.add_argument("--templates", choices=sorted(CAPTION_TEMPLATES), default="object",
+                      help="caption templates for images without captions (default object)")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--learning-rate", type=float, default=5e-3)
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--num-vectors", type=int, default=1)
+    train.add_argument("--init-word", default="person", help="word whose embedding starts the vectors")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade UNet compute for memory")
+    train.add_argument("--no-mixed-precision", action="store_true", help="no autocast on CUDA")
+    train.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--name", default="implicit-negative", help="embedding name (file NAME.safetensors)")
+    out.add_argument("--output", help="output path (default: ComfyUI's embeddings folder / NAME.safetensors)")
+    out.add_argument("--concept", default="", help="what the embedding stands for (metadata), e.g. nudity")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    out.add_argument("--work-dir", help="checkpoints, loss log, previews (default: ComfyUI output/"
+                                        "implicit_negative_training/NAME)")
+    out.add_argument("--checkpoint-every", type=int, default=250, help="steps between resume checkpoints (0: end only)")
+    out.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
+    out.add_argument("--preview-every", type=int, default=0, help="steps between preview images (0: end only)")
+    out.add_argument("--preview-prompt", default="a photo of {}", help="positive prompt for previews; {} = embedding")
+    out.add_argument("--preview-steps", type=int, default=20)
+    out.add_argument("--no-preview", action="store_true")
+    return p
+
+
+def parse_loras(values: list[str]) -> list[tuple[str, float]]:
+    """["a.safetensors:0.8", "b.safetensors"] -> [("a.safetensors", 0.8), ("b.safetensors", 1.0)]."""
+    loras = []
+    for value in values:
+        path, sep, tail = value.rpartition(":")
+        try:
+            loras.append((path, float(tail)) if sep else (value, 1.0))
+        except ValueError:
+            loras.append((value, 1.0))
+    return loras
+
+
+def output_path(args) -> str:
+    if args.output:
+        return os.path.abspath(args.output)
+    return os.path.join(folder_paths.get_folder_paths("embeddings")[0], f"{args.name}.safetensors")
+
+
+def cached_latents(work_dir: str, vae, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents of the images, encoded once and kept in the work dir (keyed by the pixels' hash)."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    path = os.path.join(work_dir, f"latents-{key}.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)["latents"]
+    latents = ci.encode_images(vae, images)
+    save_file({"latents": latents.contiguous()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return latents
+
+
+def preview(model, clip, vae, modules, vectors, prompt, steps, seed, resolution, path) -> None:
+    """An image generated with the embedding as the POSITIVE prompt: it shows what the vectors evoke."""
+    import comfy.sample
+    import numpy as np
+    from PIL import Image
+    row = ci.prompt_row(ci.tokenize_caption(modules.tokenizer, prompt, vectors.shape[0]), vectors.detach().float(),
+                        modules.tokenizer)
+    with torch.no_grad():
+        positive = clip.encode_from_tokens_scheduled({modules.token_key: [[(t, 1.0) for t in row]]})
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
+        samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
+                                      positive, negative, latent, seed=seed, disable_pbar=True)
+        pixels = vae.decode(samples).clamp(0, 1)[0].float().cpu().numpy()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+
+
+def load_data(args, work_dir):
+    if bool(args.images) == bool(args.generate_from):
+        raise SystemExit("error: give exactly one of --images FOLDER or --generate-from CHECKPOINT")
+    if args.images:
+        images, captions, names = load_image_folder(args.images, args.resolution)
+        return images, captions, f"folder {os.path.abspath(args.images)} ({len(names)} images)"
+    if not args.generate_prompts:
+        raise SystemExit("error: --generate-from needs --generate-prompts")
+    prompts = read_prompts(args.generate_prompts)
+    ref_model, ref_clip, ref_vae = load_checkpoint(args.generate_from)
+    with torch.no_grad():
+        images, captions = generate_images(ref_model, ref_clip, ref_vae, prompts, args.generate_count, args.resolution,
+                                           args.generate_steps, args.generate_cfg, args.seed,
+                                           os.path.join(work_dir, "generated"))
+    del ref_model, ref_clip, ref_vae
+    comfy.model_management.unload_all_models()
+    return images, captions, f"generated by {os.path.basename(args.generate_from)} from {len(prompts)} prompts"
+
+
+def run(args) -> int:
+    destination = output_path(args)
+    if os.path.exists(destination) and not (args.overwrite or args.resume):
+        raise SystemExit(f"error: {destination} exists; pass --overwrite (or --resume) or choose another --name")
+    work_dir = args.work_dir or os.path.join(folder_paths.get_output_directory(), "implicit_negative_training", args.name)
+    os.makedirs(work_dir, exist_ok=True)
+    state_path = os.path.join(work_dir, "state.pt")
+
+    model, clip, vae, reports = load_unlearned_model(args.checkpoint, args.unet, parse_loras(args.lora),
+                                                     args.text_encoder, folder_paths.get_folder_paths("embeddings"))
+    for report in reports:
+        print(f"[weights] {report.describe()}")
+    images, captions, data_source = load_data(args, work_dir)
+    latents = cached_latents(work_dir, vae, images)
+    config = InversionConfig(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
+                             num_vectors=args.num_vectors, batch_size=args.batch_size)
+    state = None
+    if args.resume:
+        if not os.path.isfile(state_path):
+            raise SystemExit(f"error: --resume but no checkpoint at {state_path}")
+        state = load_state(state_path)
+        print(f"[resume] from step {state['step']} of {state_path}")
+
+    with ci.training_modules(model, clip, copy_weights="never", gradient_checkpointing=args.gradient_checkpointing,
+                             mixed_precision=not args.no_mixed_precision) as modules:
+        templates = CAPTION_TEMPLATES[args.templates]
+        texts = list(templates) + sorted({c for c in captions if c})
+        prompts = [ci.tokenize_caption(modules.tokenizer, t, args.num_vectors) for t in texts]
+        choices = [[texts.index(c)] if c else list(range(len(templates))) for c in captions]
+        sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
+        init = ci.init_vectors_from_word(modules, args.init_word, args.num_vectors)
+        loss_fn = ci.make_loss_fn(modules, prompts, sampler)
+
+        provenance = training_metadata(args, reports, data_source, len(captions), modules)  # hashes once
+
+        def metadata(losses, steps_done):
+            tail = losses[-100:]
+            return {**provenance, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
+                    "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+
+        def write_checkpoint(progress):
+            save_state(state_path, progress.state)
+            save_embedding(os.path.join(work_dir, "checkpoint.safetensors"),
+                           {modules.embedding_key: progress.vectors}, metadata(progress.state["losses"].tolist(),
+                                                                               progress.step))
+            write_loss_csv(os.path.join(work_dir, "loss.csv"), progress.state["losses"].tolist())
+
+        from tqdm import tqdm
+        bar = tqdm(total=config.steps, initial=state["step"] if state else 0, desc=args.name, unit="step",
+                   dynamic_ncols=True)
+        last = {}
+
+        def on_step(progress):
+            last["progress"] = progress
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed(progress.state['losses'].tolist()[-200:])[-1]:.4f}")
+            if args.checkpoint_every and progress.step % args.checkpoint_every == 0:
+                write_checkpoint(progress)
+            if args.preview_every and not args.no_preview and progress.step % args.preview_every == 0:
+                preview(model, clip, vae, modules, progress.vectors, args.preview_prompt, args.preview_steps,
+                        args.seed, args.resolution, os.path.join(work_dir, f"preview-{progress.step:06d}.png"))
+
+        try:
+            result = invert_concept(loss_fn, init, config, on_step=on_step, state=state)
+        except KeyboardInterrupt:
+            bar.close()
+            if "progress" in last:
+                write_checkpoint(last["progress"])
+                print(f"\n[interrupted] saved step {last['progress'].step} to {state_path}; "
+                      "rerun the same command with --resume to continue")
+            else:
+                print("\n[interrupted] before the first step; nothing saved")
+            return 130
+        bar.close()
+
+        losses = result.losses
+        save_state(state_path, result.state)
+        write_loss_csv(os.path.join(work_dir, "loss.csv"), losses)
+        plot_losses(os.path.join(work_dir, "loss.png"), losses)
+        if not args.no_preview:
+            preview(model, clip, vae, modules, result.vectors, args.preview_prompt, args.preview_steps, args.seed,
+                    args.resolution, os.path.join(work_dir, "preview-final.png"))
+        digest = save_embedding(destination, {modules.embedding_key: result.vectors}, metadata(losses, config.steps))
+    print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
+    return 0
+
+
+def training_metadata(args, reports, data_source, num_images, modules) -> dict:
+    """Provenance for the embedding file: models and their sha256, data, hyper-parameters."""
+    unlearned = [r.describe() for r in reports]
+    hashes = [sha256_file(r.path) for r in reports if os.path.isfile(r.path)]
+    return {
+        "concept": args.concept,
+        "base_model": os.path.basename(args.checkpoint),
+        "base_model_hash": sha256_file(args.checkpoint),
+        "unlearned_model": "; ".join(unlearned) or os.path.basename(args.checkpoint),
+        "unlearned_model_hash": ",".join(hashes) or sha256_file(args.checkpoint),
+        "trainer_version": __version__,
+        "init_word": args.init_word,
+        "training": json.dumps({
+            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "seed": args.seed,
+            "resolution": args.resolution, "templates": args.templates, "data": data_source,
+            "images": num_images, "text_encoder": modules.embedding_key, "optimizer": "Adam",
+        }, sort_keys=True),
+    }
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    code = run(args)
+    print(f"[time] {time.time() - started:.1f} s")
+    return code
