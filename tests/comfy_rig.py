@@ -32,6 +32,13 @@ TINY_UNET_CONFIG = dict(
     transformer_depth_middle=-2, context_dim=768, num_heads=8, use_linear_in_transformer=False,
     adm_in_channels=None, use_spatial_transformer=True,
 )
+# The real SD1.5 UNet shape (859.5M parameters), for real-scale benchmarks on a GPU: random weights,
+# real cost. ComfyUI detects it as SD15 exactly like a downloaded v1-5 checkpoint.
+FULL_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1,
+)
 VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
                 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 TINY_RECIPE_VERSION = "tiny-sd15-v1"
@@ -91,7 +98,7 @@ def _shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def build_tiny_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def build_sd15_state_dict(seed: int = 0, unet_config: dict = TINY_UNET_CONFIG) -> dict[str, torch.Tensor]:
     """An SD1.x single-file (CompVis layout) state dict with random weights. Needs ComfyUI imported."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -100,7 +107,7 @@ def build_tiny_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        unet = UNetModel(**TINY_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
+        unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init)
         clip = comfy.sd1_clip.SDClipModel(device="meta")
         vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
     state = {}
@@ -110,16 +117,17 @@ def build_tiny_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def tiny_checkpoint_path(seed: int = 0) -> str:
-    """Build (once per recipe and seed) and cache the tiny SD1.5 checkpoint; return its path."""
+def tiny_checkpoint_path(seed: int = 0, full_size: bool = False) -> str:
+    """Build (once per recipe and seed) and cache the tiny (or full-size) SD1.5 checkpoint; return its path."""
     from safetensors.torch import save_file
-    recipe = hashlib.sha256(f"{TINY_RECIPE_VERSION}{TINY_UNET_CONFIG}{VAE_DDCONFIG}{seed}".encode()).hexdigest()[:12]
+    unet_config = FULL_UNET_CONFIG if full_size else TINY_UNET_CONFIG
+    recipe = hashlib.sha256(f"{TINY_RECIPE_VERSION}{unet_config}{VAE_DDCONFIG}{seed}".encode()).hexdigest()[:12]
     folder = os.path.join(CACHE_DIR, "fixtures")
-    path = os.path.join(folder, f"tiny-sd15-{recipe}.safetensors")
+    path = os.path.join(folder, f"{'full' if full_size else 'tiny'}-sd15-{recipe}.safetensors")
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
         temp = path + f".{os.getpid()}.partial"
-        save_file(build_tiny_sd15_state_dict(seed), temp)
+        save_file(build_sd15_state_dict(seed, unet_config), temp)
         os.replace(temp, path)
     return path
 
