@@ -39,6 +39,8 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
         "TrainImplicitNegative": {"steps": 2},
+        # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
+        "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},
     }
 
 
