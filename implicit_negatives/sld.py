@@ -155,9 +155,11 @@ class StepMomentum:
         self.updates = 0                     # how many times ν advanced (one per completed step)
 
     def at_step(self, step: int) -> Tensor | None:
-        """Momentum to use for an evaluation belonging to ``step``; advances ν if a new step began."""
-        if step < self.step:
-            raise ValueError(f"sampler went back from step {self.step} to {step}; reset the momentum per run")
+        """Momentum to use for an evaluation belonging to ``step``; advances ν if a new step began.
+
+        An evaluation that reports an earlier step (noise added back above the previous σ, e.g. strong
+        churn) counts as part of the current step: the momentum never runs backwards.
+        """
         if step > self.step:
             if self.proposed is not None:
                 self.current = self.proposed

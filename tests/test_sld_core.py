@@ -81,5 +81,6 @@ def test_step_momentum_advances_once_per_step_with_the_last_proposal():
     tracker.propose(torch.tensor(3.0))        # ... and its proposal replaces the correction's
     assert tracker.at_step(2) == 3.0
     assert tracker.updates == 2
-    with pytest.raises(ValueError, match="reset"):
-        tracker.at_step(0)
+    tracker.propose(torch.tensor(4.0))
+    assert tracker.at_step(1) == 3.0          # a churned evaluation above the last σ stays in step 2
+    assert (tracker.step, tracker.updates) == (2, 2)

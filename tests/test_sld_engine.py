@@ -140,6 +140,14 @@ def test_running_the_same_patched_model_twice_gives_identical_images(comfy, pack
     assert torch.equal(first, ksample(comfy, safe_model(pack, tiny_sd15[0], conds["safety"], preset="strong"), conds))
 
 
+def test_a_clone_of_the_patched_model_samples_the_same(comfy, pack, tiny_sd15, conds):
+    """Nodes downstream (LoRA loaders, other patches) clone the MODEL: the hooks come along, state stays per run."""
+    model = safe_model(pack, tiny_sd15[0], conds["safety"], preset="strong")
+    clone = model.clone()
+    assert hooks_of(clone) is hooks_of(model)
+    assert torch.equal(ksample(comfy, clone, conds), ksample(comfy, model, conds))
+
+
 def test_state_resets_when_the_schedule_or_shape_changes_within_one_patch(comfy, pack, tiny_sd15, conds):
     """Base + hires style reuse: a different step count and latent size through the same patched model."""
     model = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max")
