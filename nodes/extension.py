@@ -6,8 +6,9 @@ from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
 from .sld_nodes import SafeLatentGuidance
 from .safree_nodes import SafreeConditioning, SafreeLatentReAttention
 from .score_nodes import SafetyScore
+from .train_nodes import TrainImplicitNegative
 
 
 class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
-        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafetyScore, SafreeConditioning, SafreeLatentReAttention]
+        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafetyScore, SafreeConditioning, SafreeLatentReAttention, TrainImplicitNegative]

@@ -1,0 +1,122 @@
+"""TrainImplicitNegative: concept inversion inside ComfyUI, on whatever MODEL and CLIP the graph loaded.
+
+The node is a thin adapter: images -> cached VAE latents -> ``trainer.comfy_inversion`` loss ->
+the core loop (``implicit_negatives.inversion``) -> our embedding file + an IMPLICIT_NEGATIVE.
+Training runs in-process under ``inference_mode(False)`` on private copies of the weights, so
+the shared MODEL / CLIP are untouched; ComfyUI's progress bar and Cancel work every step.
+Node ID, input names and input order are public API: append new inputs at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+import comfy.utils
+
+from ..implicit_negatives import __version__
+from ..implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
+from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept
+from ..trainer import comfy_inversion as ci
+
+
+def embedding_destination(name: str, overwrite: bool) -> str:
+    """``<first embeddings folder>/<name>.safetensors``; refuses path-like names and silent overwrites."""
+    if not name.strip() or any(c in name for c in "/\\") or name.startswith(".") or ".." in name:
+        raise ValueError(f"Embedding name {name!r} must be a plain file name (no folders), e.g. 'nudity-duo'")
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], f"{stem}.safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose another name or set overwrite to true")
+    return path
+
+
+def train_implicit_negative(model, clip, vae, images, config: InversionConfig, init_word: str, resolution: int,
+                            templates: str, gradient_checkpointing: bool = False, on_step=None):
+    """(vectors (N, D), losses, embedding key) for an IMAGE batch (M, H, W, 3); shared by node and tests."""
+    latents = ci.encode_images(vae, ci.fit_images(images, resolution))
+    with ci.training_modules(model, clip, copy_weights="auto", gradient_checkpointing=gradient_checkpointing) as modules:
+        texts = CAPTION_TEMPLATES[templates]
+        prompts = [ci.tokenize_caption(modules.tokenizer, t, config.num_vectors) for t in texts]
+        choices = [list(range(len(texts)))] * latents.shape[0]
+        sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
+        init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
+        result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step)
+        return result.vectors.cpu(), result.losses, modules.embedding_key
+
+
+class TrainImplicitNegative(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TrainImplicitNegative",
+            display_name="Train Implicit Negative",
+            category="conditioning/implicit negatives",
+            description=("Learns an implicit negative by concept inversion: textual inversion against the given "
+                         "(unlearned) MODEL and CLIP, all weights frozen, on a batch of concept images. Saves it "
+                         "to the embeddings folder (usable as embedding:NAME) and outputs it. Defaults are the "
+                         "paper's: 1 vector, Adam lr 0.005, batch 1, 3000 steps (~15 min on an RTX 3090). "
+                         "The input MODEL and CLIP are not modified."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The unlearned model to invert (e.g. SD1.4 + DUO LoRA); not modified."),
+                io.Clip.Input("clip", tooltip="Its text encoder (SD1.x or SD2.x); the vectors are learned in its input space."),
+                io.Vae.Input("vae", tooltip="Encodes the images to latents once, before training."),
+                io.Image.Input("images", tooltip="Concept images (a batch); resized and center-cropped to the resolution."),
+                io.String.Input("name", default="implicit-negative",
+                                tooltip="File name in the embeddings folder (NAME.safetensors)."),
+                io.Int.Input("steps", default=3000, min=1, max=100000, tooltip="Optimisation steps (paper: 3000)."),
+                io.Float.Input("learning_rate", default=0.005, min=0.00001, max=1.0, step=0.0001,
+                               tooltip="Adam learning rate (paper: 0.005)."),
+                io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Tokens in the embedding (paper: 1)."),
+                io.String.Input("init_word", default="person", tooltip="Word whose embedding starts the vectors."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed for noise, timesteps and image order; same seed and data = same embedding."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Training resolution in pixels (SD1.x: 512)."),
+                io.Combo.Input("templates", options=sorted(CAPTION_TEMPLATES), default="object",
+                               tooltip="Caption templates around the vectors: object ('a photo of a {}'), "
+                                       "style ('a painting in the style of {}'), bare (the vectors alone)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step (paper: 1)."),
+                io.String.Input("concept", default="", tooltip="What the embedding stands for (saved as metadata)."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute UNet activations in backward: less memory, ~30% slower."),
+            ],
+            outputs=[io.Custom("IMPLICIT_NEGATIVE").Output(
+                tooltip="The learned embedding (strength 1.0); feed ImplicitNegativeConditioning.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, name, steps, learning_rate, num_vectors, init_word, seed, resolution,
+                templates, batch_size, concept, overwrite, gradient_checkpointing) -> io.NodeOutput:
+        destination = embedding_destination(name, overwrite)
+        config = InversionConfig(steps=steps, learning_rate=learning_rate, seed=seed, num_vectors=num_vectors,
+                                 batch_size=batch_size)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
+        bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+        vectors, losses, key = train_implicit_negative(
+            model, clip, vae, images, config, init_word, resolution, templates, gradient_checkpointing,
+            on_step=lambda progress: bar.update_absolute(progress.step, steps))
+        tail = losses[-100:]
+        metadata = {
+            "concept": concept, "base_model": "ComfyUI graph MODEL", "unlearned_model": "ComfyUI graph MODEL",
+            "steps": str(steps), "loss": f"{sum(tail) / len(tail):.6g}", "trainer_version": __version__,
+            "init_word": init_word,
+            "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+            "training": json.dumps({"learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
+                                    "resolution": resolution, "templates": templates, "images": int(images.shape[0]),
+                                    "text_encoder": key, "optimizer": "Adam", "trained_in": "TrainImplicitNegative"},
+                                   sort_keys=True),
+        }
+        save_embedding(destination, {key: vectors}, metadata)
+        stem = os.path.splitext(os.path.basename(destination))[0]
+        negative = ImplicitNegative(name=stem, embedding=Embedding(vectors={key: vectors}, metadata=metadata,
+                                                                   source=destination))
+        summary = f"saved {os.path.basename(destination)}: {steps} steps, final loss {metadata['loss']}"
+        return io.NodeOutput(negative, ui={"text": [summary]})

@@ -1,0 +1,108 @@
+"""TrainImplicitNegative inside ComfyUI: in the real executor, equal to the CLI, cancellable, non-mutating."""
+
+import importlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from implicit_negatives.embedding_io import load_embedding
+
+import comfy_rig
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory):
+    """A folder of two 64x64 images (no captions), as the CLI reads it."""
+    folder = tmp_path_factory.mktemp("node-images")
+    generator = torch.Generator().manual_seed(1)
+    for i in range(2):
+        pixels = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"concept_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def executor_model(comfy, tiny_checkpoint):
+    """The tiny checkpoint loaded the way a loader node loads it: under inference mode (inference tensors)."""
+    import comfy.sd
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(os.path.join(*tiny_checkpoint))
+    assert next(model.model.parameters()).is_inference()
+    return model, clip, vae
+
+
+def same_bits(a, b):
+    """Bitwise equality (uninitialised weights of the tiny CLIP may hold NaN, which torch.equal calls unequal)."""
+    return a.shape == b.shape and torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+def node_inputs(images, name, **changes):
+    inputs = dict(images=images, name=name, steps=2, learning_rate=0.005, num_vectors=1, init_word="cat", seed=7,
+                  resolution=64, templates="object", batch_size=1, concept="test", overwrite=True,
+                  gradient_checkpointing=False)
+    inputs.update(changes)
+    return inputs
+
+
+def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, concept_images, embeddings_dir):
+    import folder_paths
+    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "train_implicit_negative.json")) as handle:
+        graph = json.load(handle)
+    for name in ("concept_0.png", "concept_1.png"):
+        shutil.copy(concept_images / name, os.path.join(folder_paths.get_input_directory(), name))
+    graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
+    graph["5"]["inputs"].update(steps=2, resolution=64, name="graph_trained", num_vectors=2)
+    executor, _ = comfy_rig.run_graph(graph)
+    embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
+    assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
+    assert "saved graph_trained.safetensors" in executor.history_result["outputs"]["5"]["text"][0]
+
+
+def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack_module, executor_model,
+                                                               concept_images, tiny_checkpoint, embeddings_dir, tmp_path):
+    model, clip, vae = executor_model
+    data = importlib.import_module(pack_module.__name__ + ".trainer.data")
+    cli = importlib.import_module(pack_module.__name__ + ".trainer.cli")
+    images, _, _ = data.load_image_folder(str(concept_images), 64)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    with torch.inference_mode():  # as the executor runs nodes
+        negative = pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(images, "node_run")).result[0]
+    assert [k for k, v in model.model.state_dict().items() if not same_bits(before[k], v)] == []
+    assert [k for k, v in clip.cond_stage_model.state_dict().items() if not same_bits(clip_before[k], v)] == []
+    assert not any("forward" in m.__dict__ for m in clip.cond_stage_model.modules())  # CLIPLayer patch undone
+
+    assert cli.main(["--checkpoint", os.path.join(*tiny_checkpoint), "--images", str(concept_images),
+                     "--resolution", "64", "--steps", "2", "--init-word", "cat", "--seed", "7", "--no-preview",
+                     "--output", str(tmp_path / "cli_run.safetensors"), "--work-dir", str(tmp_path / "work")]) == 0
+    from_cli = load_embedding(str(tmp_path / "cli_run.safetensors")).vectors["clip_l"]
+    from_node = negative.embedding.vectors["clip_l"]
+    assert torch.equal(from_node, load_embedding(str(embeddings_dir / "node_run.safetensors")).vectors["clip_l"])
+    print(f"\nnode vs CLI max |diff| = {(from_node - from_cli).abs().max():.3g}")
+    assert torch.allclose(from_node, from_cli, rtol=0, atol=1e-6)
+
+
+def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):
+    import comfy.model_management
+    data = importlib.import_module(pack_module.__name__ + ".trainer.data")
+    images, _, _ = data.load_image_folder(str(concept_images), 64)
+    model, clip, vae = executor_model
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+            pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(images, "cancelled", steps=50))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not (embeddings_dir / "cancelled.safetensors").exists()
+    assert not any("forward" in m.__dict__ for m in clip.cond_stage_model.modules())
+
+
+def test_names_that_escape_the_embeddings_folder_are_refused(pack, executor_model, concept_images):
+    model, clip, vae = executor_model
+    for name in ("../evil", "a/b", ""):
+        with pytest.raises(ValueError, match="plain file name"):
+            pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(torch.zeros(1, 64, 64, 3), name))
