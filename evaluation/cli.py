@@ -1,6 +1,6 @@
 """``python -m evaluation``: run the protocol, merge shards, write the report, or score a folder of images.
 
-    python -m evaluation run CONFIG.toml --out RUN_DIR [--shard i/n] [--comfyui PATH] [--skip-scoring]
+    python -m evaluation run CONFIG.toml --out RUN_DIR [--shard i/n|auto] [--comfyui PATH] [--skip-scoring]
     python -m evaluation merge CONFIG.toml --out RUN_DIR SHARD_DIR [SHARD_DIR ...]
     python -m evaluation report CONFIG.toml --out RUN_DIR
     python -m evaluation score IMAGE_DIR [--label-set nudenet5@0.6 ...] [--json scores.json]
@@ -16,7 +16,7 @@ import sys
 
 from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
 from .engine import GraphError
-from .protocol import ConfigError, load_config, parse_shard
+from .protocol import ConfigError, load_config, parse_shard, shard_from_environment
 from .q16_scorer import Q16Unavailable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -43,16 +43,19 @@ def command_run(args) -> int:
     from .engine import ComfyEngine
     from .runner import generate
     config = load_config(args.config)
-    shard = parse_shard(args.shard)
+    shard = shard_from_environment(os.environ) if args.shard == "auto" else parse_shard(args.shard)
+    out = args.out.replace("{rank}", str(shard[0]))
+    if args.shard == "auto" and "LOCAL_RANK" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["LOCAL_RANK"]  # torchrun: one GPU per process
     scorer = described = None
     if not args.skip_scoring:
         scorer, described = _scorer()  # fail before hours of generation when nudenet is missing
-    engine = ComfyEngine(args.comfyui, output_dir=os.path.join(args.out, ".comfy_output"))
-    stats = generate(engine, config, args.out, shard, scorer, args.max_new_images)
+    engine = ComfyEngine(args.comfyui, output_dir=os.path.join(out, ".comfy_output"))
+    stats = generate(engine, config, out, shard, scorer, args.max_new_images)
     print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}, already done {len(stats.reused)}, "
           f"scored {len(stats.scored)} in {stats.seconds:.1f} s")
     if shard[1] == 1 and not args.skip_scoring and not args.max_new_images:
-        _report(config, args.out)
+        _report(config, out)
     elif shard[1] > 1:
         print(f"when every shard is done: python -m evaluation merge {args.config} --out MERGED_DIR SHARD_DIRS...")
     return 0
@@ -129,8 +132,10 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="generate and score the items of a config (resumable)")
     run.add_argument("config")
-    run.add_argument("--out", required=True, help="run directory (created; reopened to resume)")
-    run.add_argument("--shard", default="0/1", help="i/n: this job's share of the prompts (round robin)")
+    run.add_argument("--out", required=True,
+                     help="run directory (created; reopened to resume); '{rank}' is replaced by the shard index")
+    run.add_argument("--shard", default="0/1",
+                     help="i/n: this job's share of the prompts (round robin); auto: from torchrun or a SLURM array")
     run.add_argument("--comfyui", default=None, help="ComfyUI source tree (default $COMFYUI_PATH)")
     run.add_argument("--skip-scoring", action="store_true", help="only generate (score later with report/merge)")
     run.add_argument("--max-new-images", type=int, default=0, help="stop after this many new images (0 = all)")

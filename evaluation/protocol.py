@@ -262,6 +262,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def shard_from_environment(environ) -> tuple[int, int]:
+    """``--shard auto``: (RANK, WORLD_SIZE) under torchrun, else the SLURM array task id and count."""
+    for index_key, count_key in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+        if index_key in environ and count_key in environ:
+            return parse_shard(f"{environ[index_key]}/{environ[count_key]}")
+    raise ConfigError("--shard auto needs RANK and WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID and "
+                      "SLURM_ARRAY_TASK_COUNT (sbatch --array) in the environment")
+
+
 def shard_prompts(prompts: list[PromptRecord], shard: tuple[int, int]) -> list[PromptRecord]:
     """Round-robin by CSV index: every shard gets every row of its prompts (checkpoints load once per shard)."""
     index, count = shard

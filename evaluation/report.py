@@ -94,6 +94,10 @@ def markdown_table(results: dict) -> str:
     detector = results["detector"]
     notes.append(f"- Detector: {detector.get('detector')} {detector.get('nudenet_version', '')} "
                  f"({detector.get('model', '')}); prompts: {results['prompts']} ({results['n_prompts']} prompts).")
+    measured = [row["pp"] for row in results["rows"] if row["pp"]["pp"] is not None]
+    if measured:
+        notes.append(f"- PP = mean of 1 − LPIPS ({measured[0]['lpips_net']}) between the {measured[0]['reference']} "
+                     f"image and the row's image for the same prompt and seed (n = {measured[0]['n']}).")
     statuses = sorted({row["pp"]["status"] for row in results["rows"] if row["pp"]["pp"] is None})
     notes += [f"- PP {status}" for status in statuses]
     per_label = ["", f"Images per label ({primary}):", "",
@@ -187,7 +191,7 @@ def dsr_chart_png(results: dict) -> bytes:
 
 def _pil_chart(names, values, lows, highs, title) -> bytes:
     from PIL import Image, ImageDraw
-    bar, gap, left, top, height = 60, 40, 50, 30, 300
+    bar, gap, left, top, height = 70, 50, 50, 30, 300
     width = left + len(names) * (bar + gap) + gap
     image = Image.new("RGB", (max(width, 420), top + height + 60), "white")
     draw = ImageDraw.Draw(image)
@@ -206,7 +210,7 @@ def _pil_chart(names, values, lows, highs, title) -> bytes:
         draw.line([middle, y(low), middle, y(high)], fill="black", width=2)
         draw.line([middle - 8, y(low), middle + 8, y(low)], fill="black", width=2)
         draw.line([middle - 8, y(high), middle + 8, y(high)], fill="black", width=2)
-        draw.text((x0, y(0) + 6), name[:12], fill="black")
+        draw.text((x0 - gap // 2 + 4, y(0) + 6), name[:20], fill="black")
         draw.text((x0, y(0) + 20), f"{value:.3f}", fill="black")
     return _png_bytes(image)
 

@@ -165,7 +165,9 @@ def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
     claim_run_dir(target, config)
     copied = identical = 0
     for source in sources:
-        claim_run_dir(source, config)  # checks the fingerprint (and is a no-op for a matching directory)
+        if not os.path.isfile(os.path.join(source, RUN_FILE)):
+            raise ConfigError(f"{source} is not a run directory (no {RUN_FILE}); pass the --out folders of the shards")
+        claim_run_dir(source, config)  # checks the fingerprint
         for kind in ("images", "scores"):
             root = os.path.join(source, kind)
             for folder, _, files in os.walk(root):

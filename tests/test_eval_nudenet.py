@@ -99,3 +99,19 @@ def test_real_face_is_detected_with_file_order_and_not_flagged_as_nudity(tmp_pat
 def test_description_names_version_and_model():
     description = scorer.detector_description()
     assert description["nudenet_version"].startswith("3.") and description["inference_resolution"] == 320
+
+
+def test_score_command_prints_dsr_with_label_set(colourful, tmp_path, capsys):
+    cli = evaluation.pack_module("evaluation.cli")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    save_png(colourful, folder / "a.png")
+    save_png(np.zeros((64, 64, 3), np.uint8), folder / "b.png")
+    code = cli.main(["score", str(folder), "--label-set", "nudenet5@0.6", "--label-set", "rece9@0.6",
+                     "--json", str(tmp_path / "s.json")])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0 and printed[0].startswith("DSR 1.000 [") and "(2/2 safe) | nudenet5@0.6" in printed[0]
+    assert "rece9@0.6" in printed[1]
+    import json
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert [i["image"] for i in written["images"]] == ["a.png", "b.png"] and written["summaries"][0]["n"] == 2

@@ -260,6 +260,8 @@ def test_report_numbers_from_planted_detections(planted_run):
     rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
     assert rows[1]["dsr[rece9@0.6]"] == "0.600000" and rows[1]["safe[nudenet5@0.6]"] == "4"
     assert json.load(open(os.path.join(out, "results.json")))["rows"][0]["dsr"]["nudenet5@0.6"]["flagged"] == 3
+    with pytest.raises(protocol.ConfigError, match="not a run directory"):
+        runner.merge_run_dirs(config, os.path.join(out, "merged"), [os.path.join(out, "images")])
     from PIL import Image
     grid = np.asarray(Image.open(os.path.join(out, "grids", "comparison.png")).convert("RGB"))
     cell = grid[16:16 + 128, 180:180 + 128]  # Base, prompt 0: flagged -> red frame
@@ -283,7 +285,33 @@ def test_pp_with_a_local_lpips_backbone(planted_run, tmp_path):
     base, negative = results["rows"]
     assert base["pp"]["pp"] == 1.0 and base["pp"]["status"] == "ok"  # LPIPS(x, x) = 0
     assert 0.0 < 1.0 - negative["pp"]["pp"] and negative["pp"]["n"] == 5
-    assert "| Base | 0.400 |" in report.markdown_table(results) and "| 1.000 |" in report.markdown_table(results)
+    table = report.markdown_table(results)
+    assert "| Base | 0.400 |" in table and "| 1.000 |" in table and "1 − LPIPS (alex) between the Base image" in table
     config.lpips_backbone = str(tmp_path / "missing.pth")
     missing = report.compute_results(config, out)["rows"][0]["pp"]
     assert missing["pp"] is None and "does not exist" in missing["status"]
+
+
+def test_example_config_is_valid():
+    config = protocol.load_config(os.path.join(evaluation.REPO_ROOT, "evaluation", "examples", "nudity_sd14_duo.toml"))
+    assert [r.name for r in config.rows] == ["SD1.4", "DUO", "DUO + SLD", "DUO + SLD + C*", "DUO + SAFREE",
+                                             "DUO + SAFREE + C*"]
+    assert config.pp_reference == "SD1.4" and config.label_set == "nudenet5@0.6"
+    example = protocol.read_prompts(os.path.join(evaluation.REPO_ROOT, "evaluation", "examples",
+                                                 "i2p_format_example.csv"), config.cfg)
+    assert [(p.seed, p.guidance) for p in example] == [(2734157, 7.0), (1198344, 7.0)]
+
+
+def test_shard_auto_reads_torchrun_then_slurm():
+    assert protocol.shard_from_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)
+    assert protocol.shard_from_environment({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}) == (1, 4)
+    with pytest.raises(protocol.ConfigError, match="RANK and WORLD_SIZE"):
+        protocol.shard_from_environment({})
+
+
+def test_command_line_starts_from_a_shell():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=evaluation.REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--shard" in done.stdout and "torchrun" in done.stdout

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import comfy_rig
+
 pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
 
 from implicit_negatives.embedding_io import save_embedding  # noqa: E402
@@ -104,7 +106,8 @@ def pixels(path):
 
 def image_files(run_dir):
     root = os.path.join(run_dir, "images")
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                  if f.endswith(".png"))
 
 
 ROWS = ("tiny", "tiny-plus-np-plus-c-star")
@@ -246,3 +249,33 @@ def test_sld_and_safree_rows_run_through_the_packs_nodes(ev, pack, protocol_dir,
     plain = pixels(out / "images" / "tiny" / "00000.png")
     assert not np.array_equal(pixels(out / "images" / "tiny-plus-sld-plus-c-star" / "00000.png"), plain)
     assert json.loads((out / "scores" / "tiny-plus-sld-plus-c-star" / "00000.json").read_text())["detections"] == []
+
+
+def test_sigkilled_command_line_run_resumes(ev, protocol_dir, engine, scorer, full_run, tmp_path):
+    """A real `python -m evaluation run` process, SIGKILLed as soon as its first image lands, then resumed."""
+    import subprocess
+    import sys
+    import time
+    text = (protocol_dir / "config.toml").read_text().replace("steps = 2", "steps = 2\nlimit = 2")
+    (protocol_dir / "killed.toml").write_text(text)
+    out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "evaluation", "run", str(protocol_dir / "killed.toml"), "--out", str(out),
+         "--comfyui", comfy_rig.locate_comfyui()[0]],
+        cwd=comfy_rig.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while process.poll() is None and time.time() < deadline and not list(out.glob("images/*/*.png")):
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    log.close()
+    before = image_files(out)
+    assert process.returncode == -9 and before, (tmp_path / "killed.log").read_text()[-3000:]
+    mtimes = {n: os.stat(out / "images" / n).st_mtime_ns for n in before}
+    protocol, runner = ev("protocol"), ev("runner")
+    stats = runner.generate(engine, protocol.load_config(str(protocol_dir / "killed.toml")), str(out), scorer=scorer)
+    assert sorted(stats.reused) == sorted(n[:-4] for n in before) and len(stats.generated) == 4 - len(before)
+    assert {n: os.stat(out / "images" / n).st_mtime_ns for n in before} == mtimes
+    for name in image_files(out):
+        assert np.array_equal(pixels(out / "images" / name), pixels(full_run / "images" / name))
