@@ -1,0 +1,137 @@
+"""Cost of one concept-inversion training step relative to its physical floor, measured in one run.
+
+    python -m bench.trainer_step                          # tiny random SD1.5 checkpoint (full CLIP-L), CPU or GPU
+    python -m bench.trainer_step --checkpoint PATH --size 512    # a real checkpoint
+
+floor  = one forward + backward (w.r.t. the vectors) of the text encoder and UNet on a fixed batch,
+         hand-written: no data sampling, no optimiser, no bookkeeping.
+step   = one step of ``invert_concept`` with the trainer's loss (sampling, noise, Adam, progress state).
+vae    = the same step plus a VAE encode of the image, i.e. what per-step encoding would cost.
+Runs are interleaved (floor, step, vae, floor, ...) so machine load hits all alike; medians and the
+ratios step/floor (target <= 1.15x) and vae/step (the speedup of cached latents) are printed, with
+peak memory: CUDA max allocated per phase on a GPU, peak RSS above the phase's start on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+
+import comfy_rig  # noqa: E402
+
+
+def load_engine_and_pack():
+    path, how = comfy_rig.locate_comfyui()
+    if path is None:
+        raise SystemExit(f"this benchmark needs ComfyUI: {how}")
+    nodes = comfy_rig.import_comfy(path)
+    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
+        raise SystemExit("ComfyUI failed to load the pack (see log)")
+    return sys.modules[REPO_ROOT.replace(".", "_x_")]
+
+
+class RssPeak:
+    """Peak resident memory above the starting level while a block runs (polled every 2 ms), in MiB."""
+
+    def __enter__(self):
+        import psutil
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def poll(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.mib = (self.peak - self.base) / 2 ** 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.trainer_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="SD1.x checkpoint (default: the tiny random SD1.5 fixture)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pack = load_engine_and_pack()
+    ci = importlib.import_module(pack.__name__ + ".trainer.comfy_inversion")
+    from implicit_negatives.inversion import InversionConfig, denoising_loss, eps_from_denoised, invert_concept
+    import comfy.sd
+
+    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint)
+    image = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
+    latents = ci.encode_images(vae, image)
+    with ci.training_modules(model, clip, copy_weights="never") as m:
+        prompts = [ci.tokenize_caption(m.tokenizer, "a photo of a {}", 1)]
+        x0 = ci.process_latents(m, latents)
+        vectors = ci.init_vectors_from_word(m, "person", 1).to(m.device).requires_grad_(True)
+        sigma = m.model_sampling.sigma(torch.tensor([500.0])).to(m.device)
+        noise = torch.randn_like(x0).to(m.device)
+        x_t = m.model_sampling.noise_scaling(sigma, noise, x0.to(m.device))
+
+        def floor():
+            with torch.autocast(m.device.type, dtype=m.autocast_dtype, enabled=m.autocast_dtype is not None):
+                context, _ = m.encoder([ci.prompt_row(prompts[0], vectors, m.tokenizer)])
+                denoised = m.base_model.apply_model(x_t, sigma, c_crossattn=context)
+            torch.autograd.grad(denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise), [vectors])
+
+        config = InversionConfig(steps=1)
+        sampler = ci.latent_batch_sampler(x0, m.model_sampling, [[0]], config)
+        loss_fn = ci.make_loss_fn(m, prompts, sampler)
+        init = vectors.detach().cpu()
+
+        def step():
+            invert_concept(loss_fn, init, config)
+
+        def step_with_vae():
+            ci.encode_images(vae, image)
+            step()
+
+        phases = {"floor": floor, "step": step, "vae": step_with_vae}
+        times = {k: [] for k in phases}
+        peaks = {}
+        for fn in phases.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in phases.items():
+                if m.device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                with RssPeak() as rss:
+                    started = time.perf_counter()
+                    fn()
+                    if m.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - started)
+                peak = torch.cuda.max_memory_allocated() / 2 ** 20 if m.device.type == "cuda" else rss.mib
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    unit = "CUDA peak MiB" if m.device.type == "cuda" else "peak RSS above start MiB"
+    print(f"device {m.device}, {args.size} px, {os.path.basename(checkpoint)}, {args.repeats} interleaved repeats")
+    for name in phases:
+        print(f"  {name:5s} median {median[name]:.3f} s   {unit} {peaks[name]:.0f}")
+    print(f"step / floor = {median['step'] / median['floor']:.3f}x (target <= 1.15x)")
+    print(f"cached latents speedup (per-step VAE encode / cached) = {median['vae'] / median['step']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
