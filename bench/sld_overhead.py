@@ -1,6 +1,7 @@
 """Cost of SafeLatentGuidance relative to plain CFG, measured side by side in one run.
 
     python -m bench.sld_overhead                       # tiny random SD1.5 checkpoint, CPU or GPU
+    python -m bench.sld_overhead --full-size --size 512 --steps 25          # SD1.5-sized random UNet (GPU)
     python -m bench.sld_overhead --checkpoint PATH --size 512 --steps 25    # a real checkpoint
 
 Samples the same seed with the stock KSampler three ways: plain CFG, SLD with its separate safety pass
@@ -39,6 +40,8 @@ def load_engine_and_pack():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sld_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="SD1.x/SDXL checkpoint file (default: the tiny random SD1.5 fixture)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="use the test rig's full-size SD1.5 UNet recipe (859.5M params, random weights)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size/8)")
     parser.add_argument("--batch", type=int, default=1)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = load_engine_and_pack()
     import comfy.model_management
     import comfy.sd
-    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path()
+    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path(full_size=args.full_size)
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)
     encode = nodes.CLIPTextEncode().encode
     positive, negative = encode(clip, "a photo of a person on a beach")[0], encode(clip, "")[0]
