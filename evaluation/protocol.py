@@ -159,7 +159,7 @@ def load_config(path: str) -> RunConfig:
     if "prompts" not in run:
         raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
 
-    def file_key(value, key):
+    def file_key(value):
         # A ComfyUI folder name ("sd/sd-v1-4.ckpt") unless absolute or explicitly relative ("./", "../").
         explicit = value.startswith(("./", "../", ".\\", "..\\"))
         return _resolve(base, value) if explicit else value
@@ -169,7 +169,7 @@ def load_config(path: str) -> RunConfig:
         _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength"}, f"[models.{name}]")
         if not table.get("checkpoint"):
             raise ConfigError(f"[models.{name}] needs checkpoint = 'file' (base model; SD1.4 for the paper)")
-        models[name] = ModelSetup(name=name, **{k: (file_key(v, k) if isinstance(v, str) else float(v))
+        models[name] = ModelSetup(name=name, **{k: (file_key(v) if isinstance(v, str) else float(v))
                                                 for k, v in table.items()})
     negatives = {}
     for name, table in raw.get("negatives", {}).items():
@@ -178,13 +178,15 @@ def load_config(path: str) -> RunConfig:
             raise ConfigError(f"[negatives.{name}] needs text = '...' and/or embedding = 'file'")
         values = dict(table)
         if values.get("embedding"):
-            values["embedding"] = file_key(values["embedding"], "embedding")
+            values["embedding"] = file_key(values["embedding"])
         negatives[name] = NegativeSource(name=name, **values)
     rows = []
     for number, table in enumerate(raw.get("rows", [])):
         where = f"[[rows]] #{number + 1}"
         _only(table, {"name", "model", "guidance", "negative", "sld_preset", "patch_node", "patch_inputs",
                       "negative_in_sampler", "safree_reattention"}, where)
+        if not table.get("name") or not table.get("model"):
+            raise ConfigError(f"{where}: every row needs name = '...' and model = '<a [models.*] table>'")
         values = dict(table)
         values["patch_inputs"] = tuple(sorted(values.get("patch_inputs", {}).items()))
         row = Row(**values)
