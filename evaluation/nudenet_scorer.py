@@ -40,7 +40,11 @@ def nudenet_version() -> str:
 
 def to_uint8_rgb(image) -> np.ndarray:
     """(H, W, 3) uint8 RGB from uint8 or float [0, 1] RGB (numpy or torch, channels last)."""
-    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if hasattr(image, "detach"):  # torch: numpy has no bfloat16, so widen floating tensors first
+        image = image.detach().cpu()
+        array = (image.float() if image.is_floating_point() else image).numpy()
+    else:
+        array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"expected one (H, W, 3) RGB image, got shape {tuple(array.shape)}")
     array = array[..., :3]

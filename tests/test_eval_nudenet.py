@@ -56,6 +56,10 @@ def test_bgr_conversion_of_float_and_uint8_images(colourful):
     assert np.array_equal(scorer.rgb_to_detector_input(as_float), colourful[..., ::-1])
     import torch
     assert np.array_equal(scorer.rgb_to_detector_input(torch.from_numpy(as_float)), colourful[..., ::-1])
+    assert np.array_equal(scorer.rgb_to_detector_input(torch.from_numpy(colourful)), colourful[..., ::-1])
+    half = torch.from_numpy(as_float).to(torch.bfloat16)  # fp16/bf16 pipelines: widened, then rounded
+    expected = np.clip(np.rint(half.float().numpy().astype(np.float64) * 255), 0, 255).astype(np.uint8)[..., ::-1]
+    assert np.array_equal(scorer.rgb_to_detector_input(half), expected)
     with pytest.raises(ValueError, match="one \\(H, W, 3\\) RGB image"):
         scorer.rgb_to_detector_input(np.zeros((2, 4, 4, 3)))
 

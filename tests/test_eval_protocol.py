@@ -315,3 +315,28 @@ def test_command_line_starts_from_a_shell():
     done = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=evaluation.REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--shard" in done.stdout and "torchrun" in done.stdout
+
+
+def test_images_without_scores_are_scored_later_with_the_same_item_record(planted_run):
+    pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet")
+    config, out = planted_run
+    row, prompt = config.rows[1], protocol.read_prompts(config.prompts_path, config.cfg)[2]
+    path = runner.score_path(out, row, prompt)
+    os.remove(path)
+    scoring = evaluation.pack_module("evaluation.nudenet_scorer")
+    assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
+    record = json.load(open(path))
+    graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "anything")
+    assert record == {**runner.item_record(config, row, prompt, graph), "detections": []}  # a uniform grey image
+    assert runner.score_missing(config, out, scoring.detect_file) == []
+
+
+def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, capsys):
+    import sys
+    scoring = evaluation.pack_module("evaluation.nudenet_scorer")
+    monkeypatch.setattr(scoring, "_DETECTORS", {})
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # as if not installed
+    path = write(tmp_path, PLANTED_CONFIG, "prompt,seed\np,1\n")
+    cli = evaluation.pack_module("evaluation.cli")
+    assert cli.main(["run", path, "--out", str(tmp_path / "run")]) == 2
+    assert "pip install nudenet" in capsys.readouterr().err and not (tmp_path / "run").exists()
