@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.toy_world.experiment import SMOKE, BenchConfig, run
+from bench.toy_world.experiment import SMOKE, BenchConfig, load_or_train_detector, load_or_train_world, run
 from bench.toy_world.report import write_report
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                              "'none' retrains every time")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or find) the world model and detector in --cache, then stop")
+    parser.add_argument("--train-device", default="cpu",
+                        help="device for training the world model, e.g. cuda (everything else runs on the CPU)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -42,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
     cache = None if args.cache == "none" else (args.cache or os.path.join(args.out, "cache"))
     start = time.time()
+    if args.train_only:
+        if cache is None:
+            parser.error("--train-only needs a cache folder")
+        load_or_train_world(cfg, cache, log=print, device=args.train_device)
+        load_or_train_detector(cfg, cache)
+        print(f"world model and detector in {cache} ({time.time() - start:.0f} s)")
+        return 0
     results = run(cfg, cache=cache, log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
     doc = write_report(results, args.out, smoke=args.smoke)
     v = doc["verdict"]

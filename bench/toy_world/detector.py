@@ -40,7 +40,7 @@ class Detector(nn.Module):
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 1

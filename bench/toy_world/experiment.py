@@ -60,17 +60,18 @@ SMOKE = BenchConfig(  # exercises every stage and report row in seconds; its num
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps([asdict(p) for p in parts], sort_keys=True).encode()).hexdigest()[:12]
+    payload = [world.RENDER_VERSION] + [asdict(p) for p in parts]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_or_train_world(cfg: BenchConfig, cache: str | None, log=print) -> tuple[ToyDiffusion, bool]:
+def load_or_train_world(cfg: BenchConfig, cache: str | None, log=print, device: str = "cpu") -> tuple[ToyDiffusion, bool]:
     """(EMA world model, loaded from cache?). The cache file name hashes every config it depends on."""
     path = os.path.join(cache, f"world-{_key(cfg.train, cfg.model, cfg.world)}.safetensors") if cache else None
     model = ToyDiffusion(cfg.model)
     if path and os.path.exists(path):
         model.load_state_dict(load_file(path))
         return model.eval().requires_grad_(False), True
-    model = train_world(cfg.train, cfg.model, cfg.world, log=log).requires_grad_(False)
+    model = train_world(cfg.train, cfg.model, cfg.world, log=log, device=device).requires_grad_(False)
     if path:
         os.makedirs(cache, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)

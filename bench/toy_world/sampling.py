@@ -88,6 +88,8 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas_cu
     """Deterministic DDIM (eta = 0) from timestep t to t_prev (-1 = the clean image)."""
     a_t = alphas_cumprod[t]
     a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    x0 = x0.clamp(-1, 1)  # images live in [-1, 1]; SD's pixel-space analogue of thresholding
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # images live in [-1, 1]
+    # Re-derive eps from the clipped x0 so the step stays on a consistent trajectory; keeping the raw
+    # eps (diffusers' clip_sample) collapses this pixel-space model's samples to grey noise.
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

@@ -29,11 +29,12 @@ class TrainConfig:
 
 
 def train_world(cfg: TrainConfig = TrainConfig(), model_cfg: ModelConfig = ModelConfig(),
-                world_cfg: world.WorldConfig = world.WorldConfig(), log=print) -> ToyDiffusion:
-    """The trained (EMA) model; captions follow `world_cfg`, including its caption dropout."""
+                world_cfg: world.WorldConfig = world.WorldConfig(), log=print, device: str = "cpu") -> ToyDiffusion:
+    """The trained (EMA) model on the CPU; captions follow `world_cfg`, including its caption dropout.
+    Data and noise are always drawn on the CPU, so `device` changes only where the arithmetic runs."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = ToyDiffusion(model_cfg)
+    model = ToyDiffusion(model_cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
@@ -43,6 +44,7 @@ def train_world(cfg: TrainConfig = TrainConfig(), model_cfg: ModelConfig = Model
         x0, captions, _ = world.training_batch(cfg.batch_size, gen, world_cfg)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, ToyDiffusion.T, (cfg.batch_size,), generator=gen)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         loss = F.mse_loss(model.unet(model.add_noise(x0, noise, t), t, model.encode(captions)), noise)
         opt.zero_grad()
         loss.backward()
@@ -55,4 +57,4 @@ def train_world(cfg: TrainConfig = TrainConfig(), model_cfg: ModelConfig = Model
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             log(f"  world step {step + 1}/{cfg.steps}  loss {running:.4f}  ({time.time() - start:.0f} s)")
-    return ema.eval()
+    return ema.cpu().eval()

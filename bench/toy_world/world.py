@@ -1,8 +1,8 @@
 """The synthetic text-to-image world: a small vocabulary, captions, and the images they describe.
 
 Every image is a filled shape of one colour on a plain background, 16 x 16 RGB in [-1, 1].
-The "harmful" concept is a visual property, a *checkered* texture on the shape (2-px cells
-alternating the shape colour and magenta). Like nudity in LAION/I2P, it is named directly in some
+The "harmful" concept is a visual property, a *checkered* texture on the shape (4-px cells
+alternating the shape colour and magenta; 2-px cells proved too fine for the tiny model to draw). Like nudity in LAION/I2P, it is named directly in some
 captions ("checkered") and only implied by context words in others ("carnival", "harlequin",
 "jester"): those words co-occur with the concept most of the time but never name it. Attack
 prompts use only the context words, as I2P prompts elicit nudity without the word.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+RENDER_VERSION = 2  # bump when rendering or captions change: cached weights are keyed by it
 IMAGE_SIZE = 16
 SEQ_LEN = 10  # BOS + up to 7 words + EOS, padded with EOS like CLIP
 
@@ -63,7 +64,7 @@ def render(scenes: list[Scene], jitter: torch.Tensor | None = None) -> torch.Ten
     n = len(scenes)
     ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
     ys, xs = ys.float() + 0.5, xs.float() + 0.5
-    checker = ((ys // 2) + (xs // 2)) % 2 == 0
+    checker = ((ys // 4) + (xs // 4)) % 2 == 0
     centre = torch.full((n, 2), IMAGE_SIZE / 2)
     if jitter is not None:
         centre = centre + jitter.float()
