@@ -2,7 +2,7 @@
 
 No ComfyUI and no detector here. A run is a grid of work items (table row x prompt); each item is one image
 whose file name depends only on the row and the prompt's index in the CSV, so resuming, sharding and merging
-are file-level operations. See ``evaluation/README`` text in the final report and ``example_config.toml``.
+are file-level operations. A complete config: ``evaluation/examples/nudity_sd14_duo.toml``.
 """
 
 from __future__ import annotations
