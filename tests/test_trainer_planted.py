@@ -79,3 +79,28 @@ def test_planted_concept_is_recovered(adapter, fast_sd15):
     assert sum(result.losses[-10:]) < 0.2 * sum(result.losses[:10])
     after = model.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(adapter, fast_sd15):
+    """Same gradient; and the cross-attention runs twice per step (forward + recomputation), proving the
+    checkpointing is real."""
+    model, clip, _ = fast_sd15
+    gradients, calls = [], []
+    for checkpointing in (False, True):
+        with adapter.training_modules(model, clip, gradient_checkpointing=checkpointing) as modules:
+            attention = next(m for n, m in modules.base_model.diffusion_model.named_modules() if n.endswith("attn2"))
+            counter = []
+            hook = attention.register_forward_hook(lambda *args: counter.append(1))
+            prompts = [adapter.tokenize_caption(modules.tokenizer, "a photo of a {}", 2)]
+            batch = adapter.TrainingBatch(x0=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                          noise=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                          sigma=torch.tensor([2.0]), prompts=[0])
+            vectors = adapter.init_vectors_from_word(modules, "dog", 2).requires_grad_(True)
+            loss = adapter.denoising_loss_on_batch(modules, prompts, vectors, batch)
+            gradients.append(torch.autograd.grad(loss, [vectors])[0])
+            hook.remove()
+            calls.append(len(counter))
+    assert calls == [1, 2]
+    assert gradients[0].abs().max() > 0
+    assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-12)
+    assert not any("forward" in block.__dict__ for block in model.model.diffusion_model.modules())  # unpatched

@@ -96,11 +96,14 @@ def output_path(args) -> str:
     return os.path.join(folder_paths.get_folder_paths("embeddings")[0], f"{args.name}.safetensors")
 
 
-def cached_latents(work_dir: str, vae, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents of the images, encoded once and kept in the work dir (keyed by the pixels' hash)."""
+def cached_latents(work_dir: str, vae, images: torch.Tensor, vae_source: str) -> torch.Tensor:
+    """VAE latents of the images, encoded once and kept in the work dir (keyed by pixels and VAE file)."""
     import hashlib
     from safetensors.torch import load_file, save_file
-    key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    stat = os.stat(vae_source)
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(f"{os.path.realpath(vae_source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    key = digest.hexdigest()[:16]
     path = os.path.join(work_dir, f"latents-{key}.safetensors")
     if os.path.isfile(path):
         return load_file(path)["latents"]
@@ -159,7 +162,7 @@ def run(args) -> int:
     for report in reports:
         print(f"[weights] {report.describe()}")
     images, captions, data_source = load_data(args, work_dir)
-    latents = cached_latents(work_dir, vae, images)
+    latents = cached_latents(work_dir, vae, images, args.checkpoint)
     config = InversionConfig(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
                              num_vectors=args.num_vectors, batch_size=args.batch_size)
     state = None

@@ -119,15 +119,21 @@ def _checkpointed(forward):
     return run
 
 
-def _unet_blocks(diffusion_model) -> list[torch.nn.Module]:
-    blocks = []
-    for name in ("input_blocks", "middle_block", "output_blocks"):
-        part = getattr(diffusion_model, name, None)
-        if isinstance(part, torch.nn.ModuleList):
-            blocks.extend(part)
-        elif isinstance(part, torch.nn.Module):
-            blocks.append(part)
-    return blocks
+CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+
+
+def checkpoint_units(diffusion_model) -> list[torch.nn.Module]:
+    """The highest non-container modules inside the UNet's input, middle and output blocks (ResBlocks,
+    SpatialTransformers, ...). ComfyUI's UNet iterates its TimestepEmbedSequential blocks itself
+    instead of calling their ``forward``, so checkpointing must wrap these units (as TrainLoraNode does)."""
+    def units(module):
+        found = []
+        for child in module.children():
+            found.extend(units(child) if isinstance(child, CONTAINERS) else [child])
+        return found
+    parts = [getattr(diffusion_model, name, None) for name in ("input_blocks", "middle_block", "output_blocks")]
+    return [unit for part in parts if part is not None
+            for unit in (units(part) if isinstance(part, CONTAINERS) else [part])]
 
 
 @contextlib.contextmanager
@@ -164,9 +170,9 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
                     layer.forward = types.MethodType(_out_of_place_clip_layer_forward, layer)
                     restore.append(lambda layer=layer: layer.__dict__.pop("forward", None))
             if gradient_checkpointing:
-                for block in _unet_blocks(base_model.diffusion_model):
-                    block.forward = _checkpointed(block.forward)
-                    restore.append(lambda block=block: block.__dict__.pop("forward", None))
+                for unit in checkpoint_units(base_model.diffusion_model):
+                    unit.forward = _checkpointed(unit.forward)
+                    restore.append(lambda unit=unit: unit.__dict__.pop("forward", None))
             encoder.reset_clip_options()
             restore.append(encoder.reset_clip_options)
             if clip.layer_idx is not None:  # CLIPSetLastLayer (clip skip), as CLIP.encode_from_tokens applies it
