@@ -18,6 +18,7 @@ ComfyUI objects into that loss, avoiding the engine's training traps (comfyui.md
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -90,14 +91,15 @@ def trainable_copy(module: torch.nn.Module, memo: Optional[dict] = None) -> torc
     """A copy of ``module`` whose parameters and buffers are fresh (non-inference) clones.
 
     Call outside inference mode. Each submodule becomes a new object sharing the original's plain
-    attributes (configs, model_sampling settings) but none of its tensors; submodules registered
+    attributes (configs, settings) but none of its tensors or hook tables; submodules registered
     twice stay shared in the copy. ``copy.deepcopy`` is not used: some ComfyUI objects refuse it.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
     new = object.__new__(type(module))
-    new.__dict__ = dict(module.__dict__)
+    # Hook and state dicts are copied too, so a hook added to the copy never reaches the original.
+    new.__dict__ = {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
     memo[id(module)] = new
     new._parameters = {name: (None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False))
                        for name, p in module._parameters.items()}
@@ -298,7 +300,7 @@ def denoising_loss_on_batch(modules: TrainingModules, prompts: Sequence[PromptTo
     x_t = modules.model_sampling.noise_scaling(sigma, noise, x0)
     with torch.autocast(device.type, dtype=modules.autocast_dtype, enabled=modules.autocast_dtype is not None):
         context = encode_vectors(modules, [prompts[i] for i in batch.prompts], vectors.to(device))
-        denoised = modules.base_model.apply_model(x_t, sigma, c_crossattn=context)
+        denoised = modules.base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
     return denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise)
 
 
