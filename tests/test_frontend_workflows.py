@@ -38,7 +38,7 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
-        "TrainImplicitNegative": {"steps": 2},
+        "TrainImplicitNegative": {"steps": 2, "resolution": 64},
         # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
         "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},
     }

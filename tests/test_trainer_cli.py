@@ -116,7 +116,7 @@ def uninterrupted(cli, run_inputs, embeddings_dir):
     return embeddings_dir / "cli_test.safetensors", folder / "work_a", log.getvalue()
 
 
-def test_cli_writes_an_embedding_comfyui_loads(comfy, uninterrupted, tiny_sd15, embeddings_dir):
+def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted, tiny_sd15, embeddings_dir):
     path, work, log = uninterrupted
     import re
     assert re.search(r"esd-x\.safetensors: partial UNet, diffusers keys, (\d+)/\1 keys matched", log), log
@@ -126,6 +126,8 @@ def test_cli_writes_an_embedding_comfyui_loads(comfy, uninterrupted, tiny_sd15, 
     assert meta["steps"] == "3" and meta["init_word"] == "cat" and meta["concept"] == "test concept"
     assert meta["intended_use"] == "negative" and len(meta["base_model_hash"]) == 64
     assert "partial UNet" in meta["unlearned_model"]
+    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
+    assert meta["text_encoder_fingerprint"] == adapter.clip_fingerprint(tiny_sd15[1])  # same CLIP: no warning
     from comfy.sd1_clip import load_embed
     assert torch.equal(load_embed("cli_test", [str(embeddings_dir)], 768, "clip_l"),
                        embedding.vectors["clip_l"])

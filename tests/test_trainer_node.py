@@ -59,6 +59,7 @@ def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, conce
     executor, _ = comfy_rig.run_graph(graph)
     embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
     assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
+    assert len(embedding.metadata["text_encoder_fingerprint"]) == 16
     assert "saved graph_trained.safetensors" in executor.history_result["outputs"]["5"]["text"][0]
 
 
