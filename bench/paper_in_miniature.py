@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.toy_world.experiment import SMOKE, BenchConfig, load_or_train_detector, load_or_train_world, run
-from bench.toy_world.report import write_report
+from bench.toy_world.report import claim_word, write_report
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = write_report(results, args.out, smoke=args.smoke)
     v = doc["verdict"]
     print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")
+    if not v["valid"]:
+        print(f"verdict: INCONCLUSIVE ({v['validity']})")
     for variant in ("ESD-U", "ESD-X"):
-        print(f"{variant}: claim 1 (text negatives add little) {'holds' if v[variant]['claim1_text_negatives_add_little'] else 'does NOT hold'}; "
-              f"claim 2 (implicit: large gain, modest PP cost) {'holds' if v[variant]['claim2_implicit_large_gain_modest_cost'] else 'does NOT hold'}")
+        print(f"{variant}: claim 1 (text negatives add little) {claim_word(v, variant, 'claim1_text_negatives_add_little')}; "
+              f"claim 2 (implicit: large gain, modest PP cost) {claim_word(v, variant, 'claim2_implicit_large_gain_modest_cost')}")
     return 0
 
 

@@ -68,6 +68,9 @@ def test_smoke_numbers_are_well_formed(smoke_report):
         assert s["dsr"]["ci95"][0] <= s["dsr"]["mean"] <= s["dsr"]["ci95"][1]
     for v in ("ESD-U", "ESD-X"):
         assert isinstance(doc["verdict"][v]["claim1_text_negatives_add_little"], bool)
+    # A smoke-sized world never draws the concept: the report must call the test inconclusive.
+    assert doc["verdict"]["valid"] is False
+    assert "Inconclusive" in (smoke_report / "report.md").read_text()
     assert doc["smoke"] is True
 
 
