@@ -14,7 +14,6 @@ the medians and their ratio printed, with the time of SafreeConditioning (17 nud
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -74,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    path, how = comfy_rig.locate_comfyui()
-    if path is None:
-        raise SystemExit(f"this benchmark needs ComfyUI: {how}")
-    nodes = comfy_rig.import_comfy(path)
-    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
-        raise SystemExit("ComfyUI failed to load the pack (see log)")
+    nodes, _ = comfy_rig.load_engine_and_pack()
     import comfy.model_management
     import comfy.sd
     device = comfy.model_management.get_torch_device()

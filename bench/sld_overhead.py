@@ -13,7 +13,6 @@ ratios to plain CFG are printed. The physical floor is 1.5x: three model evaluat
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -25,16 +24,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import comfy_rig  # noqa: E402
-
-
-def load_engine_and_pack():
-    path, how = comfy_rig.locate_comfyui()
-    if path is None:
-        raise SystemExit(f"this benchmark needs ComfyUI: {how}")
-    nodes = comfy_rig.import_comfy(path)
-    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
-        raise SystemExit("ComfyUI failed to load the pack (see log)")
-    return nodes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    nodes = load_engine_and_pack()
+    nodes = comfy_rig.load_engine_and_pack()[0]
     import comfy.model_management
     import comfy.sd
     checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path(full_size=args.full_size)

@@ -15,7 +15,6 @@ peak memory: CUDA max allocated per phase on a GPU, peak RSS above the phase's s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import statistics
@@ -29,16 +28,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import comfy_rig  # noqa: E402
-
-
-def load_engine_and_pack():
-    path, how = comfy_rig.locate_comfyui()
-    if path is None:
-        raise SystemExit(f"this benchmark needs ComfyUI: {how}")
-    nodes = comfy_rig.import_comfy(path)
-    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
-        raise SystemExit("ComfyUI failed to load the pack (see log)")
-    return sys.modules[REPO_ROOT.replace(".", "_x_")]
 
 
 class RssPeak:
@@ -70,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pack = load_engine_and_pack()
+    pack = comfy_rig.load_engine_and_pack()[1]
     ci = importlib.import_module(pack.__name__ + ".trainer.comfy_inversion")
     from implicit_negatives.inversion import InversionConfig, denoising_loss, eps_from_denoised, invert_concept
     import comfy.sd

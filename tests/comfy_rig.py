@@ -74,6 +74,18 @@ def import_comfy(path: str):
     return nodes
 
 
+def load_engine_and_pack():
+    """For scripts (benchmarks, tools): import ComfyUI, load this pack through ComfyUI's custom-node
+    loader, and return (ComfyUI's ``nodes`` module, the pack's root package)."""
+    path, how = locate_comfyui()
+    if path is None:
+        raise SystemExit(f"this needs ComfyUI: {how}")
+    nodes = import_comfy(path)
+    if not asyncio.run(nodes.load_custom_node(REPO_ROOT)):
+        raise SystemExit("ComfyUI failed to load the pack (see log)")
+    return nodes, sys.modules[REPO_ROOT.replace(".", "_x_")]
+
+
 # --------------------------------------------------------------------------- tiny checkpoints
 
 def _fill(state_shapes: dict[str, torch.Size], prefix: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
