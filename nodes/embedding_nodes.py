@@ -6,6 +6,7 @@ new inputs at the end, never rename or reorder.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -13,6 +14,7 @@ from comfy_api.latest import io
 
 from ..implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
 from .clip_adapter import MODES, describe, encode_implicit_negative
+from .model_identity import model_transfer_warning
 
 ImplicitNegativeType = io.Custom("IMPLICIT_NEGATIVE")
 
@@ -96,13 +98,19 @@ class ImplicitNegativeConditioning(io.ComfyNode):
                                tooltip=("in_text_chunk: vectors follow the text in its 77-token chunk (A1111). "
                                         "appended_chunk: vectors get a chunk of their own (ConditioningConcat). "
                                         "embedding_only: vectors alone; text must be empty.")),
+                io.Model.Input("model", optional=True,
+                               tooltip=("Optional: the MODEL you sample with. If the embedding records the model it "
+                                        "was learned on and this one differs, a warning is logged.")),
             ],
             outputs=[io.Conditioning.Output(tooltip="Negative conditioning carrying the implicit negative.")],
         )
 
     @classmethod
-    def execute(cls, clip, implicit_negative, text, mode) -> io.NodeOutput:
+    def execute(cls, clip, implicit_negative, text, mode, model=None) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
+        warning = model_transfer_warning(model, implicit_negative)
+        if warning:
+            logging.warning(warning)
         return io.NodeOutput(encode_implicit_negative(clip, implicit_negative, text, mode))

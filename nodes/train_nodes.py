@@ -23,6 +23,7 @@ from ..implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_
 from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept
 from ..trainer import comfy_inversion as ci
 from .clip_adapter import clip_fingerprint
+from .model_identity import model_fingerprint
 
 
 def embedding_destination(name: str, overwrite: bool) -> str:
@@ -109,6 +110,7 @@ class TrainImplicitNegative(io.ComfyNode):
             "concept": concept, "base_model": "ComfyUI graph MODEL", "unlearned_model": "ComfyUI graph MODEL",
             "steps": str(steps), "loss": f"{sum(tail) / len(tail):.6g}", "trainer_version": __version__,
             "init_word": init_word, "text_encoder_fingerprint": clip_fingerprint(clip) or "",
+            "model_fingerprint": model_fingerprint(model) or "",
             "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
             "training": json.dumps({"learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
                                     "resolution": resolution, "templates": templates, "images": int(images.shape[0]),

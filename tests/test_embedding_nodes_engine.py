@@ -158,3 +158,26 @@ def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack
         other = pack["LoadImplicitNegative"].execute("other_te.safetensors", 1.0).result[0]
         pack["ImplicitNegativeConditioning"].execute(clip, other, "", "in_text_chunk")
         assert "different text encoder" in caplog.text and "advunlearn" in caplog.text
+
+
+def test_a_different_model_is_warned_about_when_connected(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
+    import importlib
+    identity = importlib.import_module(pack_module.__name__ + ".nodes.model_identity")
+    model, clip = tiny_sd15[0], tiny_sd15[1]
+    trained_on = identity.model_fingerprint(model)
+    patched = model.clone()  # stands in for an unlearned variant: one attention weight replaced by a patch
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    patched.add_patches({key: ("set", (torch.zeros_like(model.model.state_dict()[key]),))}, 1.0)
+    assert identity.model_fingerprint(patched) != trained_on
+    assert identity.model_fingerprint(model.clone()) == trained_on  # clones of one model agree
+    save_embedding(str(embeddings_dir / "model_bound.safetensors"), {"clip_l": torch.randn(1, 768)},
+                   {"unlearned_model": "tiny-esd", "model_fingerprint": trained_on})
+    negative = pack["LoadImplicitNegative"].execute("model_bound.safetensors", 1.0).result[0]
+    conditioning = pack["ImplicitNegativeConditioning"]
+    with caplog.at_level("WARNING"):
+        same = conditioning.execute(clip, negative, "", "in_text_chunk", model).result[0]
+        conditioning.execute(clip, negative, "", "in_text_chunk").result[0]  # no model: nothing to compare
+        assert "learned on a different model" not in caplog.text
+        other = conditioning.execute(clip, negative, "", "in_text_chunk", patched).result[0]
+        assert "learned on a different model" in caplog.text and "tiny-esd" in caplog.text
+    assert torch.equal(same[0][0], other[0][0])  # a warning, never a change of the conditioning

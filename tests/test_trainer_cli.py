@@ -128,6 +128,9 @@ def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted
     assert "partial UNet" in meta["unlearned_model"]
     adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
     assert meta["text_encoder_fingerprint"] == adapter.clip_fingerprint(tiny_sd15[1])  # same CLIP: no warning
+    identity = importlib.import_module(pack_module.__name__ + ".nodes.model_identity")
+    assert len(meta["model_fingerprint"]) == 16  # of the ESD-patched model, so it differs from the plain one
+    assert meta["model_fingerprint"] != identity.model_fingerprint(tiny_sd15[0])
     from comfy.sd1_clip import load_embed
     assert torch.equal(load_embed("cli_test", [str(embeddings_dir)], 768, "clip_l"),
                        embedding.vectors["clip_l"])

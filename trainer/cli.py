@@ -21,6 +21,7 @@ from ..implicit_negatives import __version__
 from ..implicit_negatives.embedding_io import save_embedding, sha256_file
 from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept, load_state, save_state
 from ..nodes.clip_adapter import clip_fingerprint
+from ..nodes.model_identity import model_fingerprint
 from . import comfy_inversion as ci
 from .data import generate_images, load_image_folder, read_prompts
 from .report import plot_losses, smoothed, write_loss_csv
@@ -185,6 +186,7 @@ def run(args) -> int:
 
         provenance = training_metadata(args, reports, data_source, len(captions), modules)  # hashes once
         provenance["text_encoder_fingerprint"] = clip_fingerprint(clip) or ""
+        provenance["model_fingerprint"] = model_fingerprint(model) or ""
 
         def metadata(losses, steps_done):
             tail = losses[-100:]

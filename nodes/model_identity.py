@@ -1,0 +1,44 @@
+"""Which denoising model is this? A cheap fingerprint of a ComfyUI MODEL, patches included.
+
+An implicit negative is learned against one unlearned model. The paper shows it transfers between
+unlearned variants of one base model, but users should know when they use it elsewhere. The trainer
+stores this fingerprint; ImplicitNegativeConditioning compares it when a MODEL is connected.
+"""
+
+from __future__ import annotations
+
+import comfy.lora
+
+from ..implicit_negatives.fingerprint import tensors_fingerprint
+
+# Small tensors every SD-style UNet has: the first and last convolutions (ESD-u, full UNet swaps change them).
+PROBE_KEYS = ("diffusion_model.input_blocks.0.0.weight", "diffusion_model.out.2.weight")
+
+
+def model_fingerprint(model) -> str | None:
+    """16 hex digits identifying the MODEL's base weights and the weight patches (LoRAs, UNet merges) on it."""
+    state = model.model.state_dict()
+    probes = [(key, state[key]) for key in PROBE_KEYS if key in state]
+    if not probes:
+        return None
+    patched = sorted(model.patches)
+    if patched:  # a LoRA (DUO, SPM) or partial UNet patch: hash the effective value of the first patched weight
+        key = patched[0]
+        effective = comfy.lora.calculate_weight(model.patches[key], state[key].float().clone(), key)
+        probes += [(f"patched:{len(patched)}:{key}", effective)]
+    return tensors_fingerprint(probes)
+
+
+def model_transfer_warning(model, negative) -> str | None:
+    """A sentence for the user when the implicit negative was learned on a different MODEL than this one."""
+    trained_on = negative.embedding.metadata.get("model_fingerprint")
+    if model is None or not trained_on:
+        return None
+    current = model_fingerprint(model)
+    if current is None or current == trained_on:
+        return None
+    name = negative.embedding.metadata.get("unlearned_model") or "another model"
+    return (f"Implicit negative '{negative.name}' was learned on a different model ({name}; fingerprint "
+            f"{trained_on}, this MODEL {current}). Implicit negatives transfer between unlearned variants of one "
+            "base model (Shin et al. 2025), but are strongest on the model they were learned on; retrain for "
+            "this model if its results matter.")
