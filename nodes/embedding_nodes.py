@@ -58,8 +58,9 @@ class LoadImplicitNegative(io.ComfyNode):
             outputs=[
                 io.Custom("IMPLICIT_NEGATIVE").Output(
                     tooltip="The vectors, their metadata and the strength; feed ImplicitNegativeConditioning."),
-                io.String.Output("info", tooltip=("What the file says about itself: concept, the unlearned model it "
-                                                  "was learned on, vectors, steps. Connect to Preview Any to read.")),
+                io.String.Output("info", display_name="info",  # display_name: 0.3.64 names outputs by it
+                                 tooltip=("What the file says about itself: concept, the unlearned model it "
+                                          "was learned on, vectors, steps. Connect to Preview Any to read.")),
             ],
         )
 
