@@ -11,4 +11,5 @@ from .train_nodes import TrainImplicitNegative
 
 class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
-        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafetyScore, SafreeConditioning, SafreeLatentReAttention, TrainImplicitNegative]
+        return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafreeConditioning,
+                SafreeLatentReAttention, TrainImplicitNegative, SafetyScore]

@@ -19,3 +19,9 @@ def test_english_locale_matches_the_node_schemas(pack):
         assert strings["description"], f"{node_id} has no description"
         assert all("tooltip" in entry for entry in strings["inputs"].values()), f"{node_id}: input without tooltip"
         assert all("tooltip" in entry for entry in strings["outputs"].values()), f"{node_id}: output without tooltip"
+
+
+def test_every_node_has_a_help_page(pack):
+    docs = os.path.join(comfy_rig.REPO_ROOT, "web", "docs")
+    missing = [node_id for node_id in pack if not os.path.isfile(os.path.join(docs, f"{node_id}.md"))]
+    assert missing == [], f"nodes without web/docs/<NodeID>.md: {missing}"
