@@ -45,9 +45,12 @@ def chunk_spec(tokenizer) -> ChunkSpec:
                      pad_to_max_length=tokenizer.pad_to_max_length, min_length=tokenizer.min_length)
 
 
-def check_fits(clip, negative: ImplicitNegative) -> dict:
-    """Return {token key: (N, D) vectors} for this CLIP, or raise a message naming both widths."""
-    tokenizers = encoder_tokenizers(clip)
+def check_fits(clip, negative: ImplicitNegative, tokenizers: dict | None = None) -> dict:
+    """Return {token key: (N, D) vectors} for this CLIP, or raise a message naming both widths.
+
+    ``tokenizers``: ``encoder_tokenizers(clip)`` when the caller already has it.
+    """
+    tokenizers = tokenizers if tokenizers is not None else encoder_tokenizers(clip)
     have = negative.embedding.widths()
     need = {tok.embedding_key: tok.embedding_size for tok in tokenizers.values()}
     clip_family = _FAMILY_BY_WIDTHS.get(tuple(sorted(need.values())), "this model")
@@ -119,11 +122,11 @@ def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", m
     if mode == "embedding_only" and text.strip():
         raise ValueError("Mode 'embedding_only' uses no text, but text was given: clear it, or pick "
                          "'in_text_chunk' / 'appended_chunk' to combine text and embedding.")
-    vectors = check_fits(clip, negative)
+    tokenizers = encoder_tokenizers(clip)
+    vectors = check_fits(clip, negative, tokenizers)
     warning = transfer_warning(clip, negative)
     if warning:
         logging.warning(warning)
-    tokenizers = encoder_tokenizers(clip)
     text_tokens = clip.tokenize(text)
     out = {}
     for key, chunks in text_tokens.items():

@@ -8,6 +8,7 @@ stores this fingerprint; ImplicitNegativeConditioning compares it when a MODEL i
 from __future__ import annotations
 
 import comfy.lora
+import comfy.utils
 
 from ..implicit_negatives.fingerprint import tensors_fingerprint
 
@@ -17,14 +18,20 @@ PROBE_KEYS = ("diffusion_model.input_blocks.0.0.weight", "diffusion_model.out.2.
 
 def model_fingerprint(model) -> str | None:
     """16 hex digits identifying the MODEL's base weights and the weight patches (LoRAs, UNet merges) on it."""
-    state = model.model.state_dict()
-    probes = [(key, state[key]) for key in PROBE_KEYS if key in state]
+    # Look the few tensors up directly: building a full state_dict would walk every module on each call.
+    probes = []
+    for key in PROBE_KEYS:
+        try:
+            probes.append((key, comfy.utils.get_attr(model.model, key)))
+        except AttributeError:
+            pass
     if not probes:
         return None
     patched = sorted(model.patches)
     if patched:  # a LoRA (DUO, SPM) or partial UNet patch: hash the effective value of the first patched weight
         key = patched[0]
-        effective = comfy.lora.calculate_weight(model.patches[key], state[key].float().clone(), key)
+        weight = comfy.utils.get_attr(model.model, key)
+        effective = comfy.lora.calculate_weight(model.patches[key], weight.float().clone(), key)
         probes += [(f"patched:{len(patched)}:{key}", effective)]
     return tensors_fingerprint(probes)
 
