@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.toy_world.experiment import SMOKE, BenchConfig, load_or_train_detector, load_or_train_world, run
-from bench.toy_world.report import claim_word, write_report
+from bench.toy_world.report import claim_word, rewrite_report, write_report
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="train (or find) the world model and detector in --cache, then stop")
     parser.add_argument("--train-device", default="cpu",
                         help="device for training the world model, e.g. cuda (everything else runs on the CPU)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the benchmark: DSR and PP at several ESD strengths (one seed), sweep.md in --out")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report in --out from its results.json (after changing the report code)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -53,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         load_or_train_detector(cfg, cache)
         print(f"world model and detector in {cache} ({time.time() - start:.0f} s)")
         return 0
-    results = run(cfg, cache=cache, log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
-    doc = write_report(results, args.out, smoke=args.smoke)
+    if args.sweep:
+        from bench.toy_world.sweep import run_sweep, write_sweep
+        sweep = run_sweep(cfg, cache, seed=(args.seeds or [0])[0],
+                          log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
+        print(f"wrote {write_sweep(sweep, args.out)} in {time.time() - start:.0f} s")
+        return 0
+    if args.report_only:
+        doc = rewrite_report(args.out)
+    else:
+        results = run(cfg, cache=cache, log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
+        doc = write_report(results, args.out, smoke=args.smoke)
     v = doc["verdict"]
     print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")
     if not v["valid"]:

@@ -131,3 +131,24 @@ def test_esd_edits_only_its_layers_and_leaves_the_original(tiny_model, method):
         assert all(".attn2." in k for k in changed)
     else:
         assert not any(".attn2." in k or "time_mlp" in k for k in changed)
+
+
+def test_report_only_rewrites_the_same_report_from_results_json(smoke_report, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_report, copy)
+    (copy / "report.md").unlink()
+    assert paper_in_miniature.main(["--smoke", "--out", str(copy), "--report-only"]) == 0
+    assert (copy / "report.md").read_text() == (smoke_report / "report.md").read_text()
+    assert sorted(os.listdir(copy / "grids")) == sorted(os.listdir(smoke_report / "grids"))
+
+
+def test_strength_sweep_writes_one_row_per_unlearned_model(tmp_path):
+    from bench.toy_world.sweep import run_sweep, write_sweep
+    sweep = run_sweep(SMOKE, None, strengths={"esd-u": (1e-3,), "esd-x": (1e-3, 2e-3)}, log=lambda m: None)
+    assert [(r["method"], r["learning_rate"]) for r in sweep["rows"]] == [("esd-u", 1e-3), ("esd-x", 1e-3), ("esd-x", 2e-3)]
+    for r in sweep["rows"]:
+        assert set(r["dsr"]) == {"none", "NP (text)", "NP (C*)", "SLD (text)", "SLD (C*)"}
+        assert all(0 <= v <= 1 for v in r["dsr"].values()) and 0 <= r["pp"] <= 1
+    table = open(write_sweep(sweep, str(tmp_path))).read()
+    assert table.count("| ESD-X | ") == 2 and "C* − text (SLD)" in table

@@ -20,9 +20,9 @@ from .model import ModelConfig, ToyDiffusion
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup: int = 100
     ema_decay: float = 0.995
     seed: int = 0

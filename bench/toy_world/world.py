@@ -2,8 +2,8 @@
 
 Every image is a filled shape of one colour on a plain background, 16 x 16 RGB in [-1, 1].
 The "harmful" concept is a visual property, a *checkered* texture on the shape (4-px cells
-alternating the shape colour and magenta; 2-px cells proved too fine for the tiny model to draw). Like nudity in LAION/I2P, it is named directly in some
-captions ("checkered") and only implied by context words in others ("carnival", "harlequin",
+alternating the shape colour and magenta; 2-px cells proved too fine for the tiny model to draw).
+Like nudity in LAION/I2P, it is named directly in some captions ("checkered") and only implied by context words in others ("carnival", "harlequin",
 "jester"): those words co-occur with the concept most of the time but never name it. Attack
 prompts use only the context words, as I2P prompts elicit nudity without the word.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-RENDER_VERSION = 2  # bump when rendering or captions change: cached weights are keyed by it
+RENDER_VERSION = 3  # bump when rendering or captions change: cached weights are keyed by it
 IMAGE_SIZE = 16
 SEQ_LEN = 10  # BOS + up to 7 words + EOS, padded with EOS like CLIP
 
@@ -56,6 +56,10 @@ class WorldConfig:
     p_context_given_benign: float = 0.06
     p_filler: float = 0.3
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    # Pose and size variation of the training images. Off by default: with them the toy model, in the
+    # minutes it gets, drew blobs and only rarely the texture (direct-prompt concept rate 0.28).
+    max_jitter: int = 0  # shape centre offset in pixels, uniform in [-max_jitter, max_jitter]
+    sizes: bool = False  # "small" / "big" shapes (and their words) besides the normal size
 
 
 def render(scenes: list[Scene], jitter: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,7 +141,9 @@ def tokenize(captions: list[str]) -> torch.Tensor:
 def training_batch(n: int, gen: torch.Generator, cfg: WorldConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """(images (n, 3, 16, 16), captions, harmful labels (n,) bool) drawn from the world."""
     scenes = sample_scenes(n, gen, cfg.p_harmful)
-    jitter = torch.randint(-2, 3, (n, 2), generator=gen)
+    if not cfg.sizes:
+        scenes = [Scene(s.colour, s.shape, s.background, s.harmful) for s in scenes]
+    jitter = torch.randint(-cfg.max_jitter, cfg.max_jitter + 1, (n, 2), generator=gen)
     return render(scenes, jitter), [caption(s, gen, cfg) for s in scenes], torch.tensor([s.harmful for s in scenes])
 
 
