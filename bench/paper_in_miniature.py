@@ -3,11 +3,13 @@ negative (learned by concept inversion) succeeds? Tested end to end in a synthet
 
     python -m bench.paper_in_miniature                 # full run, writes bench/out/
     python -m bench.paper_in_miniature --smoke --out /tmp/x   # seconds; numbers meaningless
+    python -m bench.paper_in_miniature --sweep --out /tmp/s   # ESD strengths, one seed (sweep.md)
 
 Trains the world model and detector (cached under --cache, keyed by their configs), erases the
 concept with ESD, learns C* with `implicit_negatives.inversion.invert_concept`, samples with
 `implicit_negatives.cfg.cfg_noise` / `implicit_negatives.sld.sld_noise`, and writes report.md,
-results.json, bar_chart.png, grid_overview.png and grids/ into --out.
+results.json, bar_chart.png, grid_overview.png, grids/ and grid_images.safetensors (for --report-only)
+into --out.
 """
 
 from __future__ import annotations

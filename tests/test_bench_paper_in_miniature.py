@@ -150,5 +150,9 @@ def test_strength_sweep_writes_one_row_per_unlearned_model(tmp_path):
     for r in sweep["rows"]:
         assert set(r["dsr"]) == {"none", "NP (text)", "NP (C*)", "SLD (text)", "SLD (C*)"}
         assert all(0 <= v <= 1 for v in r["dsr"].values()) and 0 <= r["pp"] <= 1
+    for r in sweep["rows"] + [sweep["original"]]:
+        rates = ("direct_concept_rate", "text_negative_concept_rate", "text_negative_concept_rate_cfg1",
+                 "unconditional_concept_rate")
+        assert all(0 <= r[k] <= 1 for k in rates)
     table = open(write_sweep(sweep, str(tmp_path))).read()
-    assert table.count("| ESD-X | ") == 2 and "C* − text (SLD)" in table
+    assert table.count("| ESD-X | ") == 2 and table.count("| original | ") == 1 and "C* − text (SLD)" in table

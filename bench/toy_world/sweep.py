@@ -28,6 +28,23 @@ STRENGTHS = {"esd-u": (2.5e-4, 5e-4, 1e-3), "esd-x": (5e-4, 1e-3, 2e-3)}
 GUIDANCE_ROWS = ("none", "NP (text)", "NP (C*)", "SLD (text)", "SLD (C*)")
 
 
+def word_rates(model, det, cfg: BenchConfig, text_ctx, empty_ctx, direct, noise) -> dict:
+    """Concept rates that say whether `model` still reads the text negative as the concept: the word as the
+    whole prompt at the benchmark's CFG and without guidance (CFG 1), and the empty prompt without guidance.
+    ESD lowers the concept in the word's conditional prediction; if the same edit lowers it in the
+    unconditional prediction too, CFG's difference still points at the concept."""
+    n = len(direct)
+
+    def rate(context, scale):
+        return concept_rate(det, sample(model, context.expand(n, -1, -1), noise, Guidance(), scale, cfg.sample_steps))
+
+    return {"direct_concept_rate": concept_rate(det, sample(model, model.encode(direct), noise, Guidance(),
+                                                            cfg.cfg_scale, cfg.sample_steps)),
+            "text_negative_concept_rate": rate(text_ctx, cfg.cfg_scale),
+            "text_negative_concept_rate_cfg1": rate(text_ctx, 1.0),
+            "unconditional_concept_rate": rate(empty_ctx, 1.0)}
+
+
 def run_sweep(cfg: BenchConfig, cache: str | None, seed: int = 0, strengths: dict = STRENGTHS, log=print) -> dict:
     torch.set_grad_enabled(True)
     original, _ = load_or_train_world(cfg, cache, log)
@@ -36,7 +53,7 @@ def run_sweep(cfg: BenchConfig, cache: str | None, seed: int = 0, strengths: dic
     noise_a, noise_b, noise_d = initial_noise(len(attack), seed), initial_noise(len(benign), seed + 500), \
         initial_noise(len(direct), seed + 900)
     sld = sld_params_for_steps(cfg.sld_preset, cfg.sample_steps)
-    text_ctx = original.encode([TEXT_NEGATIVE])
+    text_ctx, empty_ctx = original.encode([TEXT_NEGATIVE]), original.encode([""])
     ref_b = sample(original, original.encode(benign), noise_b, Guidance(), cfg.cfg_scale, cfg.sample_steps)
     d_ref = (ref_b - ref_b.roll(1, 0)).flatten(1).norm(dim=1).mean().item()
     harmful = harmful_training_images(original, det, cfg, seed)
@@ -58,16 +75,12 @@ def run_sweep(cfg: BenchConfig, cache: str | None, seed: int = 0, strengths: dic
             xb = sample(model, model.encode(benign), noise_b, Guidance(), cfg.cfg_scale, cfg.sample_steps)
             row = {"method": method, "learning_rate": lr, "dsr": dsr,
                    "pp": prior_preservation(image_distance(xb, ref_b, d_ref).tolist()),
-                   "direct_concept_rate": concept_rate(det, sample(model, model.encode(direct), noise_d, Guidance(),
-                                                                   cfg.cfg_scale, cfg.sample_steps)),
-                   "text_negative_concept_rate": concept_rate(det, sample(
-                       model, text_ctx.expand(len(direct), -1, -1), noise_d, Guidance(), cfg.cfg_scale, cfg.sample_steps)),
-                   "seconds": time.time() - t}
+                   **word_rates(model, det, cfg, text_ctx, empty_ctx, direct, noise_d), "seconds": time.time() - t}
             rows.append(row)
             log(f"  {method} lr {lr:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in dsr.items())
                 + f"; PP {row['pp']:.3f}; direct {row['direct_concept_rate']:.3f}; "
                   f"text-as-prompt {row['text_negative_concept_rate']:.3f} ({row['seconds']:.0f} s)")
-    return {"seed": seed, "rows": rows}
+    return {"seed": seed, "rows": rows, "original": word_rates(original, det, cfg, text_ctx, empty_ctx, direct, noise_d)}
 
 
 def sweep_markdown(sweep: dict) -> str:
@@ -75,14 +88,20 @@ def sweep_markdown(sweep: dict) -> str:
              f"One seed ({sweep['seed']}), the benchmark's world model. DSR on the attack prompts under each guidance; "
              "'direct' = concept rate of prompts that name the concept; 'text as prompt' = concept rate when the "
              "unlearned model is prompted with the text negative itself (high = the word still means the concept "
-             "to this model, so a text negative still has something to push away from).", "",
-             "| Unlearning | lr | direct | text as prompt | PP | " + " | ".join(f"DSR {g}" for g in GUIDANCE_ROWS)
-             + " | C* − text (SLD) |",
-             "|---|---|---|---|---|" + "---|" * len(GUIDANCE_ROWS) + "---|"]
+             "to this model, so a text negative still has something to push away from); '... CFG 1' = the same "
+             "without guidance, 'uncond.' = samples of the empty prompt (without guidance).", "",
+             "| Unlearning | lr | direct | text as prompt | text as prompt, CFG 1 | uncond. | PP | "
+             + " | ".join(f"DSR {g}" for g in GUIDANCE_ROWS) + " | C* − text (SLD) |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(GUIDANCE_ROWS) + "---|"]
+    o = sweep["original"]
+    lines.append(f"| original | – | {o['direct_concept_rate']:.3f} | {o['text_negative_concept_rate']:.3f} | "
+                 f"{o['text_negative_concept_rate_cfg1']:.3f} | {o['unconditional_concept_rate']:.3f} | 1.000 |"
+                 + " – |" * (len(GUIDANCE_ROWS) + 1))
     for r in sweep["rows"]:
         d = r["dsr"]
         lines.append(f"| {r['method'].upper()} | {r['learning_rate']:g} | {r['direct_concept_rate']:.3f} | "
-                     f"{r['text_negative_concept_rate']:.3f} | {r['pp']:.3f} | "
+                     f"{r['text_negative_concept_rate']:.3f} | {r['text_negative_concept_rate_cfg1']:.3f} | "
+                     f"{r['unconditional_concept_rate']:.3f} | {r['pp']:.3f} | "
                      + " | ".join(f"{d[g]:.3f}" for g in GUIDANCE_ROWS) + f" | {d['SLD (C*)'] - d['SLD (text)']:+.3f} |")
     return "\n".join(lines) + "\n"
 
