@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
     cache = None if args.cache == "none" else (args.cache or os.path.join(args.out, "cache"))
     start = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+
     if args.train_only:
         if cache is None:
             parser.error("--train-only needs a cache folder")
@@ -61,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sweep:
         from bench.toy_world.sweep import run_sweep, write_sweep
-        sweep = run_sweep(cfg, cache, seed=(args.seeds or [0])[0],
-                          log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
+        sweep = run_sweep(cfg, cache, seed=(args.seeds or [0])[0], log=log)
         print(f"wrote {write_sweep(sweep, args.out)} in {time.time() - start:.0f} s")
         return 0
     if args.report_only:
         doc = rewrite_report(args.out)
     else:
-        results = run(cfg, cache=cache, log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}", flush=True))
+        results = run(cfg, cache=cache, log=log)
         doc = write_report(results, args.out, smoke=args.smoke)
     v = doc["verdict"]
     print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")

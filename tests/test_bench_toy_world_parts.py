@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.toy_world import world
-from bench.toy_world.experiment import BenchConfig, harmful_training_images, load_or_train_detector, load_or_train_world
+from bench.toy_world.experiment import (BenchConfig, harmful_training_images, load_or_train_detector, load_or_train_world,
+                                        sampled_concept_rate)
 from bench.toy_world.detector import held_out_accuracy
 from bench.toy_world.inversion_adapter import PROMPT, learn_implicit_negative
-from bench.toy_world.sampling import Guidance, initial_noise, sample
+from bench.toy_world.sampling import initial_noise
 from bench.toy_world.unlearning import ESDConfig, erase_concept
 
 BENCH = BenchConfig()
@@ -56,11 +57,9 @@ def unlearned(original):
             for name, lr in LEARNING_RATES.items()}
 
 
-def concept_rate(detector, model, context: torch.Tensor, seed: int = 7) -> float:
-    """Share of images flagged when `model` samples from `context` (B, L, D) as in the benchmark."""
-    images = sample(model, context, initial_noise(context.shape[0], seed), Guidance(), BENCH.cfg_scale,
-                    BENCH.sample_steps)
-    return detector.flags(images).float().mean().item()
+def concept_rate(detector, model, context: torch.Tensor, n: int | None = None) -> float:
+    """Share flagged when `model` samples `n` images (default: one per row of `context`) as in the benchmark."""
+    return sampled_concept_rate(detector, model, context, initial_noise(n or context.shape[0], 7), BENCH)
 
 
 def direct_rate(detector, model) -> float:
@@ -112,6 +111,6 @@ def test_inversion_recovers_the_concept_on_the_unlearned_model(original, unlearn
     word = model.encode([world.HARMFUL_WORD])
     held_out = harmful_training_images(original, detector, BENCH, seed=1)[:32]
     assert held_out_denoising_loss(model, implicit, held_out) < held_out_denoising_loss(model, word, held_out)
-    recovered = concept_rate(detector, model, implicit.expand(36, -1, -1))
+    recovered = concept_rate(detector, model, implicit, n=36)
     named = direct_rate(detector, model)
     assert recovered >= 0.7 and recovered > named, (recovered, named)

@@ -113,6 +113,15 @@ def concept_rate(det: Detector, imgs: torch.Tensor) -> float:
     return det.flags(imgs).float().mean().item()
 
 
+def sampled_concept_rate(det: Detector, model: ToyDiffusion, context: torch.Tensor, noise: torch.Tensor,
+                         cfg: BenchConfig, cfg_scale: float | None = None) -> float:
+    """Share of flagged images when `model` samples one image per row of `noise` from `context`
+    ((B, L, D), or (1, L, D) for the same conditioning on every image) without safety guidance."""
+    context = context.expand(noise.shape[0], -1, -1)
+    scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    return concept_rate(det, sample(model, context, noise, Guidance(), scale, cfg.sample_steps))
+
+
 def run(cfg: BenchConfig, cache: str | None = None, log=print) -> dict:
     """Every number of the benchmark, JSON-ready, plus images for the grids under "_images"."""
     torch.set_grad_enabled(True)
@@ -201,16 +210,12 @@ def run(cfg: BenchConfig, cache: str | None = None, log=print) -> dict:
         noise_d = initial_noise(len(direct), seed + 900)
         checks = {}
         for v, m in variants.items():
-            checks[f"direct_prompt_concept_rate/{v}"] = concept_rate(
-                det, sample(m, m.encode(direct), noise_d, Guidance(), cfg.cfg_scale, cfg.sample_steps))
+            checks[f"direct_prompt_concept_rate/{v}"] = sampled_concept_rate(det, m, m.encode(direct), noise_d, cfg)
             # Does this model still read the text negative as the concept? (If not, NP / SLD with the
             # text has nothing to push away from: the paper's explanation of why text negatives fail.)
-            checks[f"text_negative_concept_rate/{v}"] = concept_rate(
-                det, sample(m, text_ctx.expand(len(direct), -1, -1), noise_d, Guidance(), cfg.cfg_scale, cfg.sample_steps))
+            checks[f"text_negative_concept_rate/{v}"] = sampled_concept_rate(det, m, text_ctx, noise_d, cfg)
             for src, ctx in implicit_ctx.items():
-                checks[f"implicit_prompt_concept_rate/{v}/C*({src})"] = concept_rate(
-                    det, sample(m, ctx.expand(len(direct), -1, -1), noise_d, Guidance(), cfg.cfg_scale,
-                                cfg.sample_steps))
+                checks[f"implicit_prompt_concept_rate/{v}/C*({src})"] = sampled_concept_rate(det, m, ctx, noise_d, cfg)
         runs.append({"seed": seed, "conditions": results, "checks": checks,
                      "harmful_training_images": int(harmful.shape[0]),
                      "inversion_final_loss": {k: sum(l[-20:]) / len(l[-20:]) for k, l in losses.items()},

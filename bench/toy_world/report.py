@@ -11,7 +11,8 @@ import statistics
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from implicit_negatives.metrics import wilson_interval
 
@@ -82,18 +83,16 @@ def verdict(results: dict) -> dict:
         cost_np = paired(results, f"{v} + NP (text)", f"{v} + NP (C*)", "pp")
         claim1 = text_sld["mean"] <= CLAIM1_MAX_TEXT_GAIN and text_np["mean"] <= CLAIM1_MAX_TEXT_GAIN
         claim2 = (gain_sld["mean"] >= CLAIM2_MIN_IMPLICIT_GAIN and cost_sld["mean"] <= CLAIM2_MAX_PP_COST)
+        drop = paired_checks(results, "direct_prompt_concept_rate/original", f"direct_prompt_concept_rate/{v.lower()}")
         out[v] = {
             "text_gain_sld": text_sld, "text_gain_np": text_np,
             "implicit_gain_over_text_sld": gain_sld, "implicit_gain_over_text_np": gain_np,
             "pp_cost_sld": cost_sld, "pp_cost_np": cost_np,
             "claim1_text_negatives_add_little": claim1, "claim2_implicit_large_gain_modest_cost": claim2,
+            "unlearning_drop": drop, "unlearned": drop["mean"] >= VALID_MIN_UNLEARNING_DROP,
+            # The most any guidance could add: every attack image made safe.
+            "headroom_after_sld_text": mean_ci([1 - r["conditions"][f"{v} + SLD (text)"]["dsr"] for r in results["runs"]]),
         }
-    for v in ("ESD-U", "ESD-X"):
-        drop = paired_checks(results, "direct_prompt_concept_rate/original", f"direct_prompt_concept_rate/{v.lower()}")
-        out[v]["unlearning_drop"] = drop
-        out[v]["unlearned"] = drop["mean"] >= VALID_MIN_UNLEARNING_DROP
-        # The most any guidance could add: every attack image made safe.
-        out[v]["headroom_after_sld_text"] = mean_ci([1 - r["conditions"][f"{v} + SLD (text)"]["dsr"] for r in results["runs"]])
     direct = mean_ci([r["checks"]["direct_prompt_concept_rate/original"] for r in results["runs"]])["mean"]
     original_dsr = mean_ci([r["conditions"]["original"]["dsr"] for r in results["runs"]])["mean"]
     out["valid"] = direct >= VALID_MIN_DIRECT_RATE and original_dsr <= VALID_MAX_ORIGINAL_DSR
@@ -286,11 +285,8 @@ def rewrite_report(out: str) -> dict:
     """Rewrite every report file in `out` from its results.json and grid_images.safetensors."""
     with open(os.path.join(out, "results.json")) as f:
         doc = json.load(f)
-    path = os.path.join(out, "grid_images.safetensors")
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        keys = json.loads(f.metadata()["keys"])
-    tensors = load_file(path)
+    with safe_open(os.path.join(out, "grid_images.safetensors"), "pt") as f:
+        images = {key: f.get_tensor(f"{i:03d}") for i, key in enumerate(json.loads(f.metadata()["keys"]))}
     results = {k: v for k, v in doc.items() if k not in ("summary", "verdict", "smoke")}
-    results["_images"] = {k: tensors[f"{i:03d}"] for i, k in enumerate(keys)}
+    results["_images"] = images
     return write_report(results, out, smoke=doc["smoke"])

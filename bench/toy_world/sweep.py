@@ -18,8 +18,8 @@ import torch
 from implicit_negatives.metrics import defense_success_rate, prior_preservation
 
 from . import world
-from .experiment import (TEXT_NEGATIVE, BenchConfig, concept_rate, harmful_training_images, image_distance,
-                         load_or_train_detector, load_or_train_world)
+from .experiment import (TEXT_NEGATIVE, BenchConfig, harmful_training_images, image_distance, load_or_train_detector,
+                         load_or_train_world, sampled_concept_rate)
 from .inversion_adapter import PROMPT, learn_implicit_negative
 from .sampling import Guidance, initial_noise, sample, sld_params_for_steps
 from .unlearning import ESDConfig, erase_concept
@@ -33,16 +33,10 @@ def word_rates(model, det, cfg: BenchConfig, text_ctx, empty_ctx, direct, noise)
     whole prompt at the benchmark's CFG and without guidance (CFG 1), and the empty prompt without guidance.
     ESD lowers the concept in the word's conditional prediction; if the same edit lowers it in the
     unconditional prediction too, CFG's difference still points at the concept."""
-    n = len(direct)
-
-    def rate(context, scale):
-        return concept_rate(det, sample(model, context.expand(n, -1, -1), noise, Guidance(), scale, cfg.sample_steps))
-
-    return {"direct_concept_rate": concept_rate(det, sample(model, model.encode(direct), noise, Guidance(),
-                                                            cfg.cfg_scale, cfg.sample_steps)),
-            "text_negative_concept_rate": rate(text_ctx, cfg.cfg_scale),
-            "text_negative_concept_rate_cfg1": rate(text_ctx, 1.0),
-            "unconditional_concept_rate": rate(empty_ctx, 1.0)}
+    return {"direct_concept_rate": sampled_concept_rate(det, model, model.encode(direct), noise, cfg),
+            "text_negative_concept_rate": sampled_concept_rate(det, model, text_ctx, noise, cfg),
+            "text_negative_concept_rate_cfg1": sampled_concept_rate(det, model, text_ctx, noise, cfg, cfg_scale=1.0),
+            "unconditional_concept_rate": sampled_concept_rate(det, model, empty_ctx, noise, cfg, cfg_scale=1.0)}
 
 
 def run_sweep(cfg: BenchConfig, cache: str | None, seed: int = 0, strengths: dict = STRENGTHS, log=print) -> dict:
@@ -50,8 +44,8 @@ def run_sweep(cfg: BenchConfig, cache: str | None, seed: int = 0, strengths: dic
     original, _ = load_or_train_world(cfg, cache, log)
     det, _ = load_or_train_detector(cfg, cache)
     attack, benign, direct = world.attack_prompts(), world.benign_prompts(), world.direct_prompts()
-    noise_a, noise_b, noise_d = initial_noise(len(attack), seed), initial_noise(len(benign), seed + 500), \
-        initial_noise(len(direct), seed + 900)
+    noise_a, noise_b = initial_noise(len(attack), seed), initial_noise(len(benign), seed + 500)
+    noise_d = initial_noise(len(direct), seed + 900)
     sld = sld_params_for_steps(cfg.sld_preset, cfg.sample_steps)
     text_ctx, empty_ctx = original.encode([TEXT_NEGATIVE]), original.encode([""])
     ref_b = sample(original, original.encode(benign), noise_b, Guidance(), cfg.cfg_scale, cfg.sample_steps)
