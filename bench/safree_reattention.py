@@ -21,10 +21,7 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-
-import comfy_rig  # noqa: E402
+from implicit_negatives.comfy import headless, rig
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -73,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    nodes, _ = comfy_rig.load_engine_and_pack()
+    nodes = headless.import_comfyui()
+    headless.load_pack(nodes)
     import comfy.model_management
     import comfy.sd
     device = comfy.model_management.get_torch_device()
     if args.checkpoint or args.tiny:
-        checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path()
+        checkpoint = args.checkpoint or rig.tiny_checkpoint_path()
         model, clip = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)[:2]
     else:
         model, clip = random_sd15_shaped("cuda" if device.type == "cuda" else "cpu")

@@ -20,10 +20,7 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-
-import comfy_rig  # noqa: E402
+from implicit_negatives.comfy import headless, rig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    nodes = comfy_rig.load_engine_and_pack()[0]
+    nodes = headless.import_comfyui()
+    headless.load_pack(nodes)
     import comfy.model_management
     import comfy.sd
-    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path(full_size=args.full_size)
+    checkpoint = args.checkpoint or rig.tiny_checkpoint_path(full_size=args.full_size)
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)
     encode = nodes.CLIPTextEncode().encode
     positive, negative = encode(clip, "a photo of a person on a beach")[0], encode(clip, "")[0]

@@ -15,7 +15,6 @@ peak memory: CUDA max allocated per phase on a GPU, peak RSS above the phase's s
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -24,10 +23,7 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-
-import comfy_rig  # noqa: E402
+from implicit_negatives.comfy import headless, rig
 
 
 class RssPeak:
@@ -59,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pack = comfy_rig.load_engine_and_pack()[1]
-    ci = importlib.import_module(pack.__name__ + ".trainer.comfy_inversion")
-    from implicit_negatives.inversion import InversionConfig, denoising_loss, eps_from_denoised, invert_concept
+    headless.load_pack(headless.import_comfyui())
+    from implicit_negatives.comfy import inversion as ci
+    from implicit_negatives.cfg import eps_from_denoised
+    from implicit_negatives.inversion import InversionConfig, denoising_loss, invert_concept
     import comfy.sd
 
-    checkpoint = args.checkpoint or comfy_rig.tiny_checkpoint_path()
+    checkpoint = args.checkpoint or rig.tiny_checkpoint_path()
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint)
     image = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
     latents = ci.encode_images(vae, image)

@@ -2,7 +2,7 @@
 
 import sys
 
-from evaluation import pack_module
+from evaluation.cli import main
 
 if __name__ == "__main__":
-    sys.exit(pack_module("evaluation.cli").main())
+    sys.exit(main())

@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
-from .engine import GraphError
+from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
+from implicit_negatives.comfy.headless import EngineError
 from .protocol import ConfigError, load_config, parse_shard, shard_from_environment
 from .q16_scorer import Q16Unavailable
 
@@ -23,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _scorer():
-    from .nudenet_scorer import detect_file, detector_description, nudenet_detector
+    from implicit_negatives.nudenet_scorer import detect_file, detector_description, nudenet_detector
     detector = nudenet_detector()
     return (lambda path: detect_file(path, detector)), detector_description(detector)
 
@@ -83,7 +83,7 @@ def command_score(args) -> int:
     for summary in summaries:
         print(format_dsr(summary))
     if args.json:
-        from .runner import atomic_write_json
+        from implicit_negatives.atomic_write import atomic_write_json
         atomic_write_json(args.json, {"detector": described, "summaries": summaries,
                                       "images": [{"image": n, "detections": d} for n, d in zip(names, detections)]})
     return 0
@@ -114,7 +114,7 @@ def command_q16(args) -> int:
     print(f"Q16 safe rate {safe / len(results):.3f} [{low:.3f}, {high:.3f}] ({safe}/{len(results)} not "
           f"inappropriate) | Q16 prompts {os.path.basename(args.prompts)}, CLIP {args.clip}")
     if args.json:
-        from .runner import atomic_write_json
+        from implicit_negatives.atomic_write import atomic_write_json
         atomic_write_json(args.json, [{"image": n, **r} for n, r in zip(names, results)])
     return 0
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, GraphError, ImportError, Q16Unavailable) as error:
+    except (ConfigError, EngineError, ImportError, Q16Unavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set
+from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set
 
 # CSV column aliases (I2P: sd_seed / sd_guidance_scale; UnlearnDiffAtk/SAFREE: evaluation_seed / evaluation_guidance).
 PROMPT_COLUMNS = ("prompt", "adv_prompt", "text")

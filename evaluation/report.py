@@ -12,9 +12,11 @@ import io
 import json
 import os
 
-from ..implicit_negatives.metrics import format_dsr, label_set, prior_preservation, summarize_detections
+from implicit_negatives.metrics import format_dsr, label_set, prior_preservation, summarize_detections
 from .protocol import ConfigError, RunConfig, item_name, read_prompts
-from .runner import atomic_write_bytes, atomic_write_json, image_path, missing_items, score_path
+from implicit_negatives.atomic_write import atomic_write_bytes, atomic_write_json
+
+from .runner import image_path, missing_items, score_path
 
 UNAVAILABLE = "unavailable"
 

@@ -20,31 +20,12 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from implicit_negatives.atomic_write import PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json
+
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts, shard_prompts
 
 RUN_FILE = "run.json"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{os.getpid()}.partial"
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def atomic_write_json(path: str, value) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
-
-
-def atomic_copy(source: str, target: str) -> None:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    temp = f"{target}.{os.getpid()}.partial"
-    shutil.copyfile(source, temp)
-    os.replace(temp, target)
 
 
 def image_path(run_dir: str, row: Row, prompt: PromptRecord) -> str:
@@ -172,7 +153,7 @@ def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
             root = os.path.join(source, kind)
             for folder, _, files in os.walk(root):
                 for name in sorted(files):
-                    if name.endswith(".partial"):
+                    if name.endswith(PARTIAL_SUFFIX):
                         continue  # a write that a killed job never finished
                     src = os.path.join(folder, name)
                     dst = os.path.join(target, os.path.relpath(src, source))

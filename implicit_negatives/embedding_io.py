@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -33,6 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from .atomic_write import atomic_write_bytes
 
 FORMAT_TAG = "implicit-negative/1"
 
@@ -233,17 +234,7 @@ def save_embedding(path: str, vectors: Mapping[str, torch.Tensor], metadata: Map
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(handle)
-    try:
-        with open(temp_path, "wb") as handle:
-            handle.write(_safetensors_bytes(tensors, header))
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    atomic_write_bytes(path, _safetensors_bytes(tensors, header))
     return sha256_file(path)
 
 

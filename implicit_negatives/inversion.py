@@ -20,11 +20,12 @@ import hashlib
 import math
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from .atomic_write import atomic_path
 
 # --------------------------------------------------------------------------- configuration
 
@@ -62,16 +63,6 @@ class InversionConfig:
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def eps_from_denoised(x_t: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The noise a model predicted, from its x0 prediction: (x_t - x0) / sigma.
-
-    x_t, denoised: (B, C, H, W); sigma: (B,) in k-diffusion units (x_t = x0 + sigma * eps).
-    Holds for eps-, v- and x0-prediction models alike when ``denoised`` is the model's x0 estimate
-    (ComfyUI's ``apply_model`` always returns x0). Returns (B, C, H, W).
-    """
-    return (x_t - denoised) / sigma.view(-1, *([1] * (x_t.dim() - 1)))
 
 
 def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -289,16 +280,8 @@ def _restore(state: dict, vectors: torch.Tensor, optimizer: torch.optim.Optimize
 
 def save_state(path: str, state: dict) -> None:
     """Write a resume state atomically (``torch.save`` of tensors and plain values only)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".state", dir=folder)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         torch.save(state, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def load_state(path: str) -> dict:

@@ -103,15 +103,6 @@ def sld_noise(eps_uncond: Tensor, eps_cond: Tensor, eps_safety: Tensor, cfg_scal
     return eps_uncond + cfg_scale * guidance, new_momentum
 
 
-def eps_from_denoised(x: Tensor, denoised: Tensor, sigma: Tensor) -> Tensor:
-    """Noise prediction from an x0 prediction in k-diffusion scaling (``x = x0 + σ·ε``): ``(x − x0)/σ``.
-
-    x, denoised: (B, C, H, W); sigma: (B,) noise levels. Holds for ε- and v-prediction models alike,
-    since both are handed to samplers as x0 predictions.
-    """
-    return (x - denoised) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 def sld_applies_at(step: int, params: SLDParams) -> bool:
     """Whether the safety term is subtracted at this 0-based step (warm-up is over)."""
     return sld_enabled(params) and step >= params.warmup_steps

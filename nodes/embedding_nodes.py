@@ -12,11 +12,11 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
-from .clip_adapter import MODES, describe, encode_implicit_negative
-from .model_identity import model_transfer_warning
+from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
+from implicit_negatives.comfy.clip import MODES, describe, encode_implicit_negative
+from implicit_negatives.comfy.model_identity import model_transfer_warning
 
-ImplicitNegativeType = io.Custom("IMPLICIT_NEGATIVE")
+from .socket_types import ImplicitNegativeType
 
 
 def embedding_choices() -> list[str]:
@@ -56,7 +56,7 @@ class LoadImplicitNegative(io.ComfyNode):
                                tooltip="Prompt weight of the embedding, as in (embedding:NAME:strength)."),
             ],
             outputs=[
-                io.Custom("IMPLICIT_NEGATIVE").Output(
+                ImplicitNegativeType.Output(
                     tooltip="The vectors, their metadata and the strength; feed ImplicitNegativeConditioning."),
                 io.String.Output("info", display_name="info",  # display_name: 0.3.64 names outputs by it
                                  tooltip=("What the file says about itself: concept, the unlearned model it "

@@ -9,8 +9,8 @@ import json
 
 from comfy_api.latest import io, ui
 
-from ..evaluation.nudenet_scorer import INSTALL_HINT, detect_rgb, detector_description, nudenet_detector
-from ..implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, label_set, labels_over_threshold, summarize_detections
+from implicit_negatives.nudenet_scorer import INSTALL_HINT, detect_rgb, detector_description, nudenet_detector
+from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, label_set, labels_over_threshold, summarize_detections
 
 CUSTOM = "custom"
 

@@ -18,12 +18,14 @@ from comfy_api.latest import io
 
 import comfy.utils
 
-from ..implicit_negatives import __version__
-from ..implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
-from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept
-from ..trainer import comfy_inversion as ci
-from .clip_adapter import clip_fingerprint
-from .model_identity import model_fingerprint
+from implicit_negatives import __version__
+from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
+from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept
+from implicit_negatives.comfy import inversion as ci
+from implicit_negatives.comfy.clip import clip_fingerprint
+from implicit_negatives.comfy.model_identity import model_fingerprint
+
+from .socket_types import ImplicitNegativeType
 
 
 def embedding_destination(name: str, overwrite: bool) -> str:
@@ -89,7 +91,7 @@ class TrainImplicitNegative(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute UNet activations in backward: less memory, ~30% slower."),
             ],
-            outputs=[io.Custom("IMPLICIT_NEGATIVE").Output(
+            outputs=[ImplicitNegativeType.Output(
                 tooltip="The learned embedding (strength 1.0); feed ImplicitNegativeConditioning.")],
             hidden=[io.Hidden.unique_id],
         )

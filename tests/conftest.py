@@ -3,29 +3,27 @@ the way ComfyUI loads custom nodes, and a tiny SD1.5 checkpoint built on the fly
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_rig
-import comfy_rig  # noqa: E402
-
-REPO_ROOT = comfy_rig.REPO_ROOT
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # the core package `implicit_negatives`, importable without ComfyUI
+    sys.path.insert(0, REPO_ROOT)  # `implicit_negatives`, `trainer`, `evaluation`, `bench` by their one name
+
+from implicit_negatives.comfy import headless, rig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's `nodes` module, imported for CPU use from the located source tree."""
-    path, how = comfy_rig.locate_comfyui()
+    path, how = headless.locate_comfyui()
     if path is None:
         pytest.skip(f"engine tests need ComfyUI: {how}")
-    nodes = comfy_rig.import_comfy(path)
+    nodes = headless.import_comfyui(path)
     import folder_paths
-    base = os.path.join(comfy_rig.CACHE_DIR, "test-run")
+    base = os.path.join(headless.CACHE_DIR, "test-run")
     folder_paths.set_output_directory(os.path.join(base, "output"))
     folder_paths.set_temp_directory(os.path.join(base, "temp"))
     return nodes
@@ -44,22 +42,15 @@ def embeddings_dir(comfy, tmp_path_factory):
 def pack(comfy, embeddings_dir):
     """The pack loaded through ComfyUI's own custom-node loader; returns {node_id: class}."""
     before = set(comfy.NODE_CLASS_MAPPINGS)
-    assert asyncio.run(comfy.load_custom_node(REPO_ROOT)), "ComfyUI failed to load the pack (see log)"
+    headless.load_pack(comfy)
     return {k: v for k, v in comfy.NODE_CLASS_MAPPINGS.items() if k not in before}
-
-
-@pytest.fixture(scope="session")
-def pack_module(pack):
-    """The pack's root package as ComfyUI imported it; reach submodules with
-    ``importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")``."""
-    return sys.modules[REPO_ROOT.replace(".", "_x_")]
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(comfy):
     """(folder, filename) of the tiny SD1.5 checkpoint, registered in ComfyUI's checkpoints folders."""
     import folder_paths
-    path = comfy_rig.tiny_checkpoint_path()
+    path = rig.tiny_checkpoint_path()
     folder_paths.add_model_folder_path("checkpoints", os.path.dirname(path))
     return os.path.dirname(path), os.path.basename(path)
 
@@ -69,3 +60,10 @@ def tiny_sd15(comfy, embeddings_dir, tiny_checkpoint):
     """(model, clip, vae) from ComfyUI's stock CheckpointLoaderSimple."""
     loader = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
     return loader.load_checkpoint(tiny_checkpoint[1])
+
+
+@pytest.fixture(scope="session")
+def pack_module(pack):
+    """The pack's root package as ComfyUI imported it; reach node modules with
+    ``importlib.import_module(pack_module.__name__ + ".nodes.sld_nodes")``."""
+    return headless.load_pack()

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from implicit_negatives.embedding_io import ImplicitNegative, load_embedding, save_embedding
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 
 def clip_text_encode(comfy, clip, text):
@@ -108,13 +108,13 @@ def test_names_escaping_the_embeddings_folders_are_rejected(pack, tmp_path):
 def test_pack_registers_its_nodes_and_embeddings_folder(comfy, pack):
     import folder_paths
     assert {"LoadImplicitNegative", "ImplicitNegativeConditioning"} <= set(pack)
-    assert os.path.join(comfy_rig.REPO_ROOT, "embeddings") in folder_paths.get_folder_paths("embeddings")
+    assert os.path.join(headless.PACK_ROOT, "embeddings") in folder_paths.get_folder_paths("embeddings")
 
 
 def test_graph_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint, planted):
     import json
     import folder_paths
-    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "implicit_negative_txt2img.json")) as handle:
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "implicit_negative_txt2img.json")) as handle:
         graph = json.load(handle)
     graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
     graph["2"]["inputs"]["embedding"] = "neg8.safetensors"
@@ -124,23 +124,17 @@ def test_graph_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 3
-    executor, _ = comfy_rig.run_graph(graph)
-    images = executor.history_result["outputs"]["8"]["images"]
+    outputs = headless.GraphRunner().run(graph)
+    images = outputs["8"]["images"]
     assert len(images) == 1
     path = os.path.join(folder_paths.get_output_directory(), images[0]["subfolder"], images[0]["filename"])
     from PIL import Image
     assert Image.open(path).size == (64, 64)
 
 
-def test_pack_submodules_are_importable_through_the_loaded_package(pack_module):
-    import importlib
-    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
-    assert "in_text_chunk" in adapter.MODES
-
-
 def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
     import importlib
-    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
+    adapter = importlib.import_module("implicit_negatives.comfy.clip")
     clip = tiny_sd15[1]
     same = adapter.clip_fingerprint(clip)
     assert same is not None
@@ -162,7 +156,7 @@ def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack
 
 def test_a_different_model_is_warned_about_when_connected(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
     import importlib
-    identity = importlib.import_module(pack_module.__name__ + ".nodes.model_identity")
+    identity = importlib.import_module("implicit_negatives.comfy.model_identity")
     model, clip = tiny_sd15[0], tiny_sd15[1]
     trained_on = identity.model_fingerprint(model)
     patched = model.clone()  # stands in for an unlearned variant: one attention weight replaced by a patch

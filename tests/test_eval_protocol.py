@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 
-import evaluation
+import importlib
 
-protocol = evaluation.pack_module("evaluation.protocol")
-graphs = evaluation.pack_module("evaluation.graphs")
-report = evaluation.pack_module("evaluation.report")
-runner = evaluation.pack_module("evaluation.runner")
+protocol = importlib.import_module("evaluation.protocol")
+graphs = importlib.import_module("evaluation.graphs")
+report = importlib.import_module("evaluation.report")
+runner = importlib.import_module("evaluation.runner")
 
 BASE = """
 [run]
@@ -323,7 +323,7 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
     row, prompt = config.rows[1], protocol.read_prompts(config.prompts_path, config.cfg)[2]
     path = runner.score_path(out, row, prompt)
     os.remove(path)
-    scoring = evaluation.pack_module("evaluation.nudenet_scorer")
+    scoring = importlib.import_module("implicit_negatives.nudenet_scorer")
     assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
     record = json.load(open(path))
     graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "anything")
@@ -333,10 +333,10 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
 
 def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, capsys):
     import sys
-    scoring = evaluation.pack_module("evaluation.nudenet_scorer")
+    scoring = importlib.import_module("implicit_negatives.nudenet_scorer")
     monkeypatch.setattr(scoring, "_DETECTORS", {})
     monkeypatch.setitem(sys.modules, "nudenet", None)  # as if not installed
     path = write(tmp_path, PLANTED_CONFIG, "prompt,seed\np,1\n")
-    cli = evaluation.pack_module("evaluation.cli")
+    cli = importlib.import_module("evaluation.cli")
     assert cli.main(["run", path, "--out", str(tmp_path / "run")]) == 2
     assert "pip install nudenet" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-import evaluation
+import importlib
 
-q16 = evaluation.pack_module("evaluation.q16_scorer")
-cli = evaluation.pack_module("evaluation.cli")
+q16 = importlib.import_module("evaluation.q16_scorer")
+cli = importlib.import_module("evaluation.cli")
 
 
 def test_rule_is_softmax_of_100_cosines():

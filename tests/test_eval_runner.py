@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
 
@@ -57,7 +57,7 @@ negative = "implicit"
 
 @pytest.fixture(scope="module")
 def ev(pack_module):
-    return lambda name: importlib.import_module(f"{pack_module.__name__}.evaluation.{name}")
+    return lambda name: importlib.import_module(("implicit_negatives." if name == "nudenet_scorer" else "evaluation.") + name)
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +262,8 @@ def test_sigkilled_command_line_run_resumes(ev, protocol_dir, engine, scorer, fu
     log = open(tmp_path / "killed.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "evaluation", "run", str(protocol_dir / "killed.toml"), "--out", str(out),
-         "--comfyui", comfy_rig.locate_comfyui()[0]],
-        cwd=comfy_rig.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+         "--comfyui", headless.locate_comfyui()[0]],
+        cwd=headless.PACK_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while process.poll() is None and time.time() < deadline and not list(out.glob("images/*/*.png")):
         time.sleep(0.05)

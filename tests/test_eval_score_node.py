@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
 
@@ -54,7 +54,7 @@ def test_misconfigured_label_set_is_an_error(pack):
 
 def test_missing_nudenet_names_the_install_command(pack, pack_module, monkeypatch):
     import importlib
-    scorer = importlib.import_module(pack_module.__name__ + ".evaluation.nudenet_scorer")
+    scorer = importlib.import_module("implicit_negatives.nudenet_scorer")
     monkeypatch.setattr(scorer, "_DETECTORS", {})
     monkeypatch.setitem(sys.modules, "nudenet", None)  # what Python does for a package that is not installed
     with pytest.raises(RuntimeError, match="pip install nudenet"):
@@ -72,7 +72,7 @@ def test_node_runs_in_a_graph_and_shows_text(comfy, pack, tiny_checkpoint):
         "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
         "6": {"class_type": "SafetyScore", "inputs": {"images": ["5", 0], "label_set": "rece9@0.6"}},
     }
-    executor, _ = comfy_rig.run_graph(graph)
-    shown = executor.history_result["outputs"]["6"]["text"]
+    outputs = headless.GraphRunner().run(graph)
+    shown = outputs["6"]["text"]
     text = shown[0] if isinstance(shown, (list, tuple)) else shown
     assert "rece9@0.6" in text and "/2 safe)" in text

@@ -16,16 +16,16 @@ import shutil
 import pytest
 import torch
 
-import comfy_rig
-from comfy_server import ComfyServer
+from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfy.server import ComfyServer
 from implicit_negatives.embedding_io import save_embedding
 
-WORKFLOWS = os.path.join(comfy_rig.REPO_ROOT, "workflows")
+WORKFLOWS = os.path.join(headless.PACK_ROOT, "workflows")
 UI_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")))
 API_WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOWS, "api", "*.json")))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.environ.get("IMPLICIT_NEGATIVES_SCREENSHOTS",
-                             os.path.join(comfy_rig.CACHE_DIR, "screenshots"))
+                             os.path.join(headless.CACHE_DIR, "screenshots"))
 TINY_EMBEDDING = "tiny-implicit-negative.safetensors"
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "IMPLICIT_NEGATIVE"}
 
@@ -46,11 +46,11 @@ def tiny_overrides(checkpoint_name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path, how = comfy_rig.locate_comfyui()
+    path, how = headless.locate_comfyui()
     if path is None:
         pytest.skip(f"frontend tests need ComfyUI: {how}")
     base = tmp_path_factory.mktemp("comfy-base")
-    checkpoint = comfy_rig.tiny_checkpoint_path()
+    checkpoint = rig.tiny_checkpoint_path()
     os.makedirs(base / "models" / "checkpoints", exist_ok=True)
     os.symlink(checkpoint, base / "models" / "checkpoints" / os.path.basename(checkpoint))
     save_embedding(str(base / "models" / "embeddings" / TINY_EMBEDDING),

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
+from implicit_negatives.cfg import eps_from_denoised
 from implicit_negatives.inversion import (
-    CAPTION_TEMPLATES, InversionConfig, caption_parts, denoising_loss, eps_from_denoised, invert_concept,
+    CAPTION_TEMPLATES, InversionConfig, caption_parts, denoising_loss, invert_concept,
     load_state, sample_timesteps, save_state, step_generator, step_seed,
 )
 

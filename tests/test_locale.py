@@ -4,9 +4,9 @@ import json
 import os
 import sys
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
-sys.path.insert(0, os.path.join(comfy_rig.REPO_ROOT, "tools"))
+sys.path.insert(0, os.path.join(headless.PACK_ROOT, "tools"))
 import build_locale  # noqa: E402
 
 
@@ -22,6 +22,6 @@ def test_english_locale_matches_the_node_schemas(pack):
 
 
 def test_every_node_has_a_help_page(pack):
-    docs = os.path.join(comfy_rig.REPO_ROOT, "web", "docs")
+    docs = os.path.join(headless.PACK_ROOT, "web", "docs")
     missing = [node_id for node_id in pack if not os.path.isfile(os.path.join(docs, f"{node_id}.md"))]
     assert missing == [], f"nodes without web/docs/<NodeID>.md: {missing}"

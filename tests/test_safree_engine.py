@@ -15,7 +15,7 @@ import torch
 from implicit_negatives.embedding_io import save_embedding
 from implicit_negatives.safree import filter_end_percent
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 SCHEDULE_STEPS = 4  # = the KSampler's steps below, so t' counts KSampler steps exactly
 UP_T = 2  # t' in {0, 1, 2}: at least the last of 4 steps always runs unfiltered
@@ -23,7 +23,7 @@ UP_T = 2  # t' in {0, 1, 2}: at least the last of 4 steps always runs unfiltered
 
 @pytest.fixture(scope="module")
 def safree(pack_module):
-    return importlib.import_module(pack_module.__name__ + ".nodes.safree_nodes")
+    return importlib.import_module("implicit_negatives.comfy.safree_patch")
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_reattention_patch_changes_only_paired_rows_at_the_two_freeu_stages(safr
 
 
 def test_api_workflow_runs_in_comfyui_executor(comfy, pack, tiny_checkpoint, planted_negative):
-    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "safree_implicit_negative.json")) as handle:
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "safree_implicit_negative.json")) as handle:
         graph = json.load(handle)
     for node in graph.values():
         inputs = node["inputs"]
@@ -241,7 +241,7 @@ def test_api_workflow_runs_in_comfyui_executor(comfy, pack, tiny_checkpoint, pla
             inputs["steps"] = 2
         if node["class_type"] == "SaveImage":
             inputs["filename_prefix"] = "safree_graph_test"
-    executor, _ = comfy_rig.run_graph(graph)
-    outputs = executor.history_result["outputs"]
+    outputs = headless.GraphRunner().run(graph)
+
     images = [image for out in outputs.values() for image in out.get("images", [])]
     assert len(images) == 1

@@ -265,12 +265,12 @@ def test_api_workflow_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_che
     import folder_paths
     from PIL import Image
 
-    import comfy_rig
+    from implicit_negatives.comfy import headless, rig
     from implicit_negatives.embedding_io import save_embedding
 
     save_embedding(str(embeddings_dir / "sld_test_negative.safetensors"),
                    {"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(5)) * 0.3}, {"concept": "test"})
-    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "sld_implicit_negative.json")) as handle:
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "sld_implicit_negative.json")) as handle:
         graph = json.load(handle)
     by_type = {node["class_type"]: node["inputs"] for node in graph.values()}
     assert by_type["KSampler"]["model"] == [next(k for k, n in graph.items() if n["class_type"] == "SafeLatentGuidance"), 0]
@@ -279,8 +279,8 @@ def test_api_workflow_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_che
     by_type["EmptyLatentImage"].update(width=64, height=64)
     by_type["KSampler"]["steps"] = 5
     by_type["SaveImage"]["filename_prefix"] = "sld_graph_test"
-    executor, _ = comfy_rig.run_graph(graph)
+    outputs = headless.GraphRunner().run(graph)
     save_id = next(k for k, n in graph.items() if n["class_type"] == "SaveImage")
-    images = executor.history_result["outputs"][save_id]["images"]
+    images = outputs[save_id]["images"]
     path = os.path.join(folder_paths.get_output_directory(), images[0]["subfolder"], images[0]["filename"])
     assert Image.open(path).size == (64, 64)

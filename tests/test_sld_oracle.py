@@ -15,7 +15,7 @@ import torch
 from implicit_negatives.cfg import cfg_noise
 from implicit_negatives.sld import SLD_PRESETS, sld_enabled, sld_noise
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -27,7 +27,7 @@ TOLERANCE = 1e-5
 
 def clip_tokenizer():
     """A real CLIP BPE tokenizer from local files (no hub access): ComfyUI's copy of SD1's tokenizer."""
-    path, how = comfy_rig.locate_comfyui()
+    path, how = headless.locate_comfyui()
     folder = os.path.join(path, "comfy", "sd1_tokenizer") if path else None
     if folder is None or not os.path.isfile(os.path.join(folder, "vocab.json")):
         pytest.skip(f"the oracle needs CLIP tokenizer files (taken from ComfyUI's comfy/sd1_tokenizer): {how}")

@@ -15,17 +15,17 @@ from safetensors.torch import save_file
 from implicit_negatives.embedding_io import load_embedding
 from implicit_negatives.inversion import load_state
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 
 @pytest.fixture(scope="module")
 def weights(pack_module):
-    return importlib.import_module(pack_module.__name__ + ".trainer.weights")
+    return importlib.import_module("implicit_negatives.comfy.weights")
 
 
 @pytest.fixture(scope="module")
 def cli(pack_module):
-    return importlib.import_module(pack_module.__name__ + ".trainer.cli")
+    return importlib.import_module("trainer.cli")
 
 
 def diffusers_unet_state(model, only=lambda key: True, scale=1.0):
@@ -126,9 +126,9 @@ def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted
     assert meta["steps"] == "3" and meta["init_word"] == "cat" and meta["concept"] == "test concept"
     assert meta["intended_use"] == "negative" and len(meta["base_model_hash"]) == 64
     assert "partial UNet" in meta["unlearned_model"]
-    adapter = importlib.import_module(pack_module.__name__ + ".nodes.clip_adapter")
+    adapter = importlib.import_module("implicit_negatives.comfy.clip")
     assert meta["text_encoder_fingerprint"] == adapter.clip_fingerprint(tiny_sd15[1])  # same CLIP: no warning
-    identity = importlib.import_module(pack_module.__name__ + ".nodes.model_identity")
+    identity = importlib.import_module("implicit_negatives.comfy.model_identity")
     assert len(meta["model_fingerprint"]) == 16  # of the ESD-patched model, so it differs from the plain one
     assert meta["model_fingerprint"] != identity.model_fingerprint(tiny_sd15[0])
     from comfy.sd1_clip import load_embed
@@ -150,9 +150,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cli, run_inputs, uninter
     target = tmp_path / "resumed.safetensors"
     work = tmp_path / "work_b"
     args = base + ["--output", str(target), "--work-dir", str(work), "--no-preview"]
-    comfy_path, _ = comfy_rig.locate_comfyui()
+    comfy_path, _ = headless.locate_comfyui()
     env = dict(os.environ, COMFYUI_PATH=comfy_path)
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=comfy_rig.REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=headless.PACK_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     state_path = work / "state.pt"
@@ -172,11 +172,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cli, run_inputs, uninter
 
 def test_cli_without_comfyui_says_how_to_point_at_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
-    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=comfy_rig.REPO_ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=headless.PACK_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "COMFYUI_PATH" in result.stderr
     env["COMFYUI_PATH"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=comfy_rig.REPO_ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=headless.PACK_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "not a ComfyUI source tree" in result.stderr
 

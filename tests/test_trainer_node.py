@@ -11,7 +11,7 @@ from PIL import Image
 
 from implicit_negatives.embedding_io import load_embedding
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +50,24 @@ def node_inputs(images, name, **changes):
 
 def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, concept_images, embeddings_dir):
     import folder_paths
-    with open(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "train_implicit_negative.json")) as handle:
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "train_implicit_negative.json")) as handle:
         graph = json.load(handle)
     for name in ("concept_0.png", "concept_1.png"):
         shutil.copy(concept_images / name, os.path.join(folder_paths.get_input_directory(), name))
     graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
     graph["5"]["inputs"].update(steps=2, resolution=64, name="graph_trained", num_vectors=2)
-    executor, _ = comfy_rig.run_graph(graph)
+    outputs = headless.GraphRunner().run(graph)
     embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
     assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
     assert len(embedding.metadata["text_encoder_fingerprint"]) == 16
-    assert "saved graph_trained.safetensors" in executor.history_result["outputs"]["5"]["text"][0]
+    assert "saved graph_trained.safetensors" in outputs["5"]["text"][0]
 
 
 def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack_module, executor_model,
                                                                concept_images, tiny_checkpoint, embeddings_dir, tmp_path):
     model, clip, vae = executor_model
-    data = importlib.import_module(pack_module.__name__ + ".trainer.data")
-    cli = importlib.import_module(pack_module.__name__ + ".trainer.cli")
+    data = importlib.import_module("trainer.data")
+    cli = importlib.import_module("trainer.cli")
     images, _, _ = data.load_image_folder(str(concept_images), 64)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
@@ -89,7 +89,7 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
 
 def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):
     import comfy.model_management
-    data = importlib.import_module(pack_module.__name__ + ".trainer.data")
+    data = importlib.import_module("trainer.data")
     images, _, _ = data.load_image_folder(str(concept_images), 64)
     model, clip, vae = executor_model
     comfy.model_management.interrupt_current_processing(True)

@@ -15,14 +15,14 @@ import torch
 
 from implicit_negatives.inversion import InversionConfig, invert_concept, step_generator
 
-import comfy_rig
+from implicit_negatives.comfy import headless, rig
 
 ONE_LAYER_CLIP = {"clip_l_model_config": {"num_hidden_layers": 1}}  # same weights, first layer only: fast on CPU
 
 
 @pytest.fixture(scope="module")
 def adapter(pack_module):
-    return importlib.import_module(pack_module.__name__ + ".trainer.comfy_inversion")
+    return importlib.import_module("implicit_negatives.comfy.inversion")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ ComfyUI merges ``locales/<lang>/main.json`` of every custom node pack into the f
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
+sys.path.insert(0, REPO_ROOT)  # run as a script: the pack root holds `implicit_negatives`
 LOCALE_PATH = os.path.join(REPO_ROOT, "locales", "en", "main.json")
 
 
@@ -42,14 +42,10 @@ def locale_for(node_classes: dict) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
-    import comfy_rig
-    path, how = comfy_rig.locate_comfyui()
-    if path is None:
-        raise SystemExit(how)
-    nodes = comfy_rig.import_comfy(path)
+    from implicit_negatives.comfy import headless
+    nodes = headless.import_comfyui()
     before = set(nodes.NODE_CLASS_MAPPINGS)
-    assert asyncio.run(nodes.load_custom_node(REPO_ROOT))
+    headless.load_pack(nodes)
     ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k not in before}
     os.makedirs(os.path.dirname(LOCALE_PATH), exist_ok=True)
     with open(LOCALE_PATH, "w") as handle:

@@ -19,10 +19,10 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))  # run as a script: the pack root holds `implicit_negatives`
 
-import comfy_rig  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
+from implicit_negatives.comfy import headless  # noqa: E402
+from implicit_negatives.comfy.server import ComfyServer  # noqa: E402
 
 BUILD = """async ([api, name]) => {
     await window.app.loadApiJson(api, name);
@@ -56,10 +56,10 @@ def main(names: list[str]) -> None:
     from playwright.sync_api import sync_playwright
     from PIL import Image
 
-    path, how = comfy_rig.locate_comfyui()
+    path, how = headless.locate_comfyui()
     if path is None:
         raise SystemExit(how)
-    api_files = sorted(glob.glob(os.path.join(comfy_rig.REPO_ROOT, "workflows", "api", "*.json")))
+    api_files = sorted(glob.glob(os.path.join(headless.PACK_ROOT, "workflows", "api", "*.json")))
     if names:
         api_files = [p for p in api_files if os.path.splitext(os.path.basename(p))[0] in names]
     server = ComfyServer(path, tempfile.mkdtemp(prefix="comfy-ui-build-")).start()
@@ -76,7 +76,7 @@ def main(names: list[str]) -> None:
                 with open(api_path) as handle:
                     api = json.load(handle)
                 workflow = page.evaluate(BUILD, [api, name])
-                out = os.path.join(comfy_rig.REPO_ROOT, "workflows", f"{name}.json")
+                out = os.path.join(headless.PACK_ROOT, "workflows", f"{name}.json")
                 with open(out, "w") as handle:
                     json.dump(workflow, handle, indent=1)
                 page.wait_for_timeout(400)

@@ -1,5 +1,4 @@
-"""Concept-inversion trainer: ``python -m trainer`` (CLI) and the ComfyUI adapter used by the node.
-
-Modules: ``comfy_inversion`` (MODEL + CLIP -> loss for the core loop), ``weights`` (unlearned-weight
-layouts), ``data`` (image folders, generated images), ``cli`` (the command line).
+"""Concept-inversion trainer, ``python -m trainer``: the command line (``cli``), image folders and generated
+images (``data``) and training records (``report``). The ComfyUI glue it drives (MODEL + CLIP -> loss,
+unlearned-weight layouts) lives in ``implicit_negatives.comfy``, shared with the TrainImplicitNegative node.
 """

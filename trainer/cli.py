@@ -17,15 +17,17 @@ import torch
 import comfy.model_management
 import folder_paths
 
-from ..implicit_negatives import __version__
-from ..implicit_negatives.embedding_io import save_embedding, sha256_file
-from ..implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept, load_state, save_state
-from ..nodes.clip_adapter import clip_fingerprint
-from ..nodes.model_identity import model_fingerprint
-from . import comfy_inversion as ci
+from implicit_negatives import __version__
+from implicit_negatives.atomic_write import atomic_path
+from implicit_negatives.comfy import inversion as ci
+from implicit_negatives.comfy.clip import clip_fingerprint
+from implicit_negatives.comfy.model_identity import model_fingerprint
+from implicit_negatives.comfy.weights import load_checkpoint, load_unlearned_model
+from implicit_negatives.embedding_io import save_embedding, sha256_file
+from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept, load_state, save_state
+
 from .data import generate_images, load_image_folder, read_prompts
 from .report import plot_losses, smoothed, write_loss_csv
-from .weights import load_checkpoint, load_unlearned_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,8 +112,8 @@ def cached_latents(work_dir: str, vae, images: torch.Tensor, vae_source: str) ->
     if os.path.isfile(path):
         return load_file(path)["latents"]
     latents = ci.encode_images(vae, images)
-    save_file({"latents": latents.contiguous()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as temp:
+        save_file({"latents": latents.contiguous()}, temp)
     return latents
 
 

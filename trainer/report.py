@@ -7,16 +7,17 @@ import os
 
 from PIL import Image, ImageDraw
 
+from implicit_negatives.atomic_write import atomic_path
+
 
 def write_loss_csv(path: str, losses: list[float]) -> None:
     """step,loss,ema rows (step is 1-based; ema = exponential moving average, beta 0.98, bias-corrected)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", newline="") as handle:
+    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss", "ema"])
         for step, (loss, ema) in enumerate(zip(losses, smoothed(losses)), start=1):
             writer.writerow([step, f"{loss:.6g}", f"{ema:.6g}"])
-    os.replace(path + ".tmp", path)
 
 
 def smoothed(values: list[float], beta: float = 0.98) -> list[float]:
@@ -44,5 +45,5 @@ def plot_losses(path: str, losses: list[float], size=(800, 400)) -> None:
         draw.text((5, top), f"{peak:.3g}", fill="black")
         draw.text((5, bottom - 10), "0", fill="black")
         draw.text((left, bottom + 10), f"step 1 .. {len(losses)}   (grey: loss, blue: moving average)", fill="black")
-    image.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")

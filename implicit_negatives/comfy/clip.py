@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from ..implicit_negatives.embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
-from ..implicit_negatives.fingerprint import text_encoder_fingerprint
-from ..implicit_negatives.prompt_tokens import ChunkSpec, append_vectors
+from ..embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
+from ..fingerprint import text_encoder_fingerprint
+from ..prompt_tokens import ChunkSpec, append_vectors
 
 MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
 

@@ -27,9 +27,8 @@ import torch
 
 import comfy.model_management
 
-from ..implicit_negatives.inversion import (
-    InversionConfig, caption_parts, denoising_loss, eps_from_denoised, sample_timesteps, step_generator,
-)
+from ..cfg import eps_from_denoised
+from ..inversion import InversionConfig, caption_parts, denoising_loss, sample_timesteps, step_generator
 
 
 class TrainingSetupError(ValueError):

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from comfy_rig import REPO_ROOT
+from .headless import PACK_ROOT as REPO_ROOT
 
 
 def free_port() -> int:

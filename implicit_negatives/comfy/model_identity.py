@@ -10,7 +10,7 @@ from __future__ import annotations
 import comfy.lora
 import comfy.utils
 
-from ..implicit_negatives.fingerprint import tensors_fingerprint
+from ..fingerprint import tensors_fingerprint
 
 # Small tensors every SD-style UNet has: the first and last convolutions (ESD-u, full UNet swaps change them).
 PROBE_KEYS = ("diffusion_model.input_blocks.0.0.weight", "diffusion_model.out.2.weight")

@@ -25,8 +25,9 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..implicit_negatives.sld import (REFERENCE_STEPS, SLDParams, StepMomentum, eps_from_denoised, sampler_step_index,
-                                      sld_enabled, sld_safety_term, warmup_steps_from_fraction)
+from ..cfg import eps_from_denoised
+from ..sld import (REFERENCE_STEPS, SLDParams, StepMomentum, sampler_step_index, sld_enabled, sld_safety_term,
+                   warmup_steps_from_fraction)
 
 WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
 
