@@ -1,7 +1,7 @@
 """TrainImplicitNegative: concept inversion inside ComfyUI, on whatever MODEL and CLIP the graph loaded.
 
-The node is a thin adapter: images -> cached VAE latents -> ``trainer.comfy_inversion`` loss ->
-the core loop (``implicit_negatives.inversion``) -> our embedding file + an IMPLICIT_NEGATIVE.
+The node is a thin adapter: images -> VAE latents -> ``implicit_negatives.comfy.training`` (the training
+entry ``python -m trainer`` uses too) -> our embedding file + an IMPLICIT_NEGATIVE.
 Training runs in-process under ``inference_mode(False)`` on private copies of the weights, so
 the shared MODEL / CLIP are untouched; ComfyUI's progress bar and Cancel work every step.
 Node ID, input names and input order are public API: append new inputs at the end.
@@ -9,8 +9,6 @@ Node ID, input names and input order are public API: append new inputs at the en
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 
 import folder_paths
@@ -18,12 +16,10 @@ from comfy_api.latest import io
 
 import comfy.utils
 
-from implicit_negatives import __version__
-from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
-from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept
 from implicit_negatives.comfy import inversion as ci
-from implicit_negatives.comfy.clip import clip_fingerprint
-from implicit_negatives.comfy.model_identity import model_fingerprint
+from implicit_negatives.comfy.training import RunSources, embedding_metadata, run_metadata, train_embedding
+from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
+from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig
 
 from .socket_types import ImplicitNegativeType
 
@@ -37,20 +33,6 @@ def embedding_destination(name: str, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists: choose another name or set overwrite to true")
     return path
-
-
-def train_implicit_negative(model, clip, vae, images, config: InversionConfig, init_word: str, resolution: int,
-                            templates: str, gradient_checkpointing: bool = False, on_step=None):
-    """(vectors (N, D), losses, embedding key) for an IMAGE batch (M, H, W, 3); shared by node and tests."""
-    latents = ci.encode_images(vae, ci.fit_images(images, resolution))
-    with ci.training_modules(model, clip, copy_weights="auto", gradient_checkpointing=gradient_checkpointing) as modules:
-        texts = CAPTION_TEMPLATES[templates]
-        prompts = [ci.tokenize_caption(modules.tokenizer, t, config.num_vectors) for t in texts]
-        choices = [list(range(len(texts)))] * latents.shape[0]
-        sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
-        init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
-        result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step)
-        return result.vectors.cpu(), result.losses, modules.embedding_key
 
 
 class TrainImplicitNegative(io.ComfyNode):
@@ -104,21 +86,16 @@ class TrainImplicitNegative(io.ComfyNode):
                                  batch_size=batch_size)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
         bar = comfy.utils.ProgressBar(steps, node_id=node_id)
-        vectors, losses, key = train_implicit_negative(
-            model, clip, vae, images, config, init_word, resolution, templates, gradient_checkpointing,
-            on_step=lambda progress: bar.update_absolute(progress.step, steps))
-        tail = losses[-100:]
-        metadata = {
-            "concept": concept, "base_model": "ComfyUI graph MODEL", "unlearned_model": "ComfyUI graph MODEL",
-            "steps": str(steps), "loss": f"{sum(tail) / len(tail):.6g}", "trainer_version": __version__,
-            "init_word": init_word, "text_encoder_fingerprint": clip_fingerprint(clip) or "",
-            "model_fingerprint": model_fingerprint(model) or "",
-            "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-            "training": json.dumps({"learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
-                                    "resolution": resolution, "templates": templates, "images": int(images.shape[0]),
-                                    "text_encoder": key, "optimizer": "Adam", "trained_in": "TrainImplicitNegative"},
-                                   sort_keys=True),
-        }
+        latents = ci.encode_images(vae, ci.fit_images(images, resolution))
+        trained = train_embedding(model, clip, latents, [None] * latents.shape[0], config, init_word, templates,
+                                  copy_weights="auto", gradient_checkpointing=gradient_checkpointing,
+                                  on_step=lambda progress: bar.update_absolute(progress.step, steps))
+        sources = RunSources(base_model="ComfyUI graph MODEL", unlearned_model="ComfyUI graph MODEL",
+                             data=f"IMAGE batch ({latents.shape[0]} images)", trained_in="TrainImplicitNegative")
+        run = run_metadata(model, clip, sources, config, init_word=init_word, templates=templates,
+                           resolution=resolution, num_images=latents.shape[0], concept=concept)
+        metadata = embedding_metadata(run, trained.losses, steps)
+        key, vectors = trained.embedding_key, trained.vectors
         save_embedding(destination, {key: vectors}, metadata)
         stem = os.path.splitext(os.path.basename(destination))[0]
         negative = ImplicitNegative(name=stem, embedding=Embedding(vectors={key: vectors}, metadata=metadata,

@@ -79,12 +79,24 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
 
     assert cli.main(["--checkpoint", os.path.join(*tiny_checkpoint), "--images", str(concept_images),
                      "--resolution", "64", "--steps", "2", "--init-word", "cat", "--seed", "7", "--no-preview",
+                     "--concept", "test",
                      "--output", str(tmp_path / "cli_run.safetensors"), "--work-dir", str(tmp_path / "work")]) == 0
     from_cli = load_embedding(str(tmp_path / "cli_run.safetensors")).vectors["clip_l"]
     from_node = negative.embedding.vectors["clip_l"]
     assert torch.equal(from_node, load_embedding(str(embeddings_dir / "node_run.safetensors")).vectors["clip_l"])
     print(f"\nnode vs CLI max |diff| = {(from_node - from_cli).abs().max():.3g}")
     assert torch.allclose(from_node, from_cli, rtol=0, atol=1e-6)
+
+    # One metadata writer: the same keys, and the same values wherever the two runs agree.
+    node_meta = load_embedding(str(embeddings_dir / "node_run.safetensors")).metadata
+    cli_meta = load_embedding(str(tmp_path / "cli_run.safetensors")).metadata
+    assert set(node_meta) == set(cli_meta)
+    node_training, cli_training = json.loads(node_meta.pop("training")), json.loads(cli_meta.pop("training"))
+    assert set(node_training) == set(cli_training)
+    differ = {k for k in node_training if node_training[k] != cli_training[k]}
+    assert differ == {"data", "trained_in"}, differ
+    differ = {k for k in node_meta if node_meta[k] != cli_meta[k]}
+    assert differ <= {"base_model", "base_model_hash", "unlearned_model", "unlearned_model_hash", "created"}, differ
 
 
 def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):

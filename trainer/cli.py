@@ -7,8 +7,6 @@ Run ``python -m trainer --help`` for every option; ``__main__.py`` finds ComfyUI
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import time
 
@@ -17,14 +15,14 @@ import torch
 import comfy.model_management
 import folder_paths
 
-from implicit_negatives import __version__
 from implicit_negatives.atomic_write import atomic_path
 from implicit_negatives.comfy import inversion as ci
-from implicit_negatives.comfy.clip import clip_fingerprint
-from implicit_negatives.comfy.model_identity import model_fingerprint
+from implicit_negatives.comfy.training import (
+    RunSources, embedding_key, embedding_metadata, run_metadata, train_embedding,
+)
 from implicit_negatives.comfy.weights import load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
-from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, invert_concept, load_state, save_state
+from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, load_state, save_state
 
 from .data import generate_images, load_image_folder, read_prompts
 from .report import plot_losses, smoothed, write_loss_csv
@@ -117,21 +115,62 @@ def cached_latents(work_dir: str, vae, images: torch.Tensor, vae_source: str) ->
     return latents
 
 
-def preview(model, clip, vae, modules, vectors, prompt, steps, seed, resolution, path) -> None:
+def preview(model, clip, vae, vectors, prompt, steps, seed, resolution, path) -> None:
     """An image generated with the embedding as the POSITIVE prompt: it shows what the vectors evoke."""
     import comfy.sample
     import numpy as np
     from PIL import Image
-    row = ci.prompt_row(ci.tokenize_caption(modules.tokenizer, prompt, vectors.shape[0]), vectors.detach().float(),
-                        modules.tokenizer)
+    token_key, _, tokenizer = ci.single_text_encoder(clip)
+    row = ci.prompt_row(ci.tokenize_caption(tokenizer, prompt, vectors.shape[0]), vectors.detach().float(), tokenizer)
     with torch.no_grad():
-        positive = clip.encode_from_tokens_scheduled({modules.token_key: [[(t, 1.0) for t in row]]})
+        positive = clip.encode_from_tokens_scheduled({token_key: [[(t, 1.0) for t in row]]})
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
                                       positive, negative, latent, seed=seed, disable_pbar=True)
         pixels = vae.decode(samples).clamp(0, 1)[0].float().cpu().numpy()
     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+
+
+class TrainingMonitor:
+    """What the CLI does between training steps: the progress bar, resume checkpoints, previews, the loss log.
+
+    ``on_step`` is the core loop's callback; ``save_checkpoint`` writes the resume state, the embedding so
+    far and the loss log (every ``--checkpoint-every`` steps and on Ctrl-C); ``last`` is the latest progress.
+    """
+
+    def __init__(self, args, work_dir: str, model, clip, vae, run: dict, start_step: int):
+        from tqdm import tqdm
+        self.args, self.work_dir, self.run = args, work_dir, run
+        self.model, self.clip, self.vae = model, clip, vae
+        self.key = embedding_key(clip)
+        self.state_path = os.path.join(work_dir, "state.pt")
+        self.last = None
+        self.bar = tqdm(total=args.steps, initial=start_step, desc=args.name, unit="step", dynamic_ncols=True)
+
+    def on_step(self, progress) -> None:
+        self.last = progress
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{smoothed(progress.state['losses'].tolist()[-200:])[-1]:.4f}")
+        if self.args.checkpoint_every and progress.step % self.args.checkpoint_every == 0:
+            self.save_checkpoint(progress.state, progress.vectors)
+        if self.args.preview_every and not self.args.no_preview and progress.step % self.args.preview_every == 0:
+            self.preview(progress.vectors, f"preview-{progress.step:06d}.png")
+
+    def save_checkpoint(self, state: dict, vectors: torch.Tensor) -> None:
+        losses = state["losses"].tolist()
+        save_state(self.state_path, state)
+        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), {self.key: vectors},
+                       embedding_metadata(self.run, losses, int(state["step"])))
+        write_loss_csv(os.path.join(self.work_dir, "loss.csv"), losses)
+
+    def preview(self, vectors: torch.Tensor, name: str) -> None:
+        args = self.args
+        preview(self.model, self.clip, self.vae, vectors, args.preview_prompt, args.preview_steps, args.seed,
+                args.resolution, os.path.join(self.work_dir, name))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def load_data(args, work_dir):
@@ -176,90 +215,44 @@ def run(args) -> int:
         state = load_state(state_path)
         print(f"[resume] from step {state['step']} of {state_path}")
 
-    with ci.training_modules(model, clip, copy_weights="never", gradient_checkpointing=args.gradient_checkpointing,
-                             mixed_precision=not args.no_mixed_precision) as modules:
-        templates = CAPTION_TEMPLATES[args.templates]
-        texts = list(templates) + sorted({c for c in captions if c})
-        prompts = [ci.tokenize_caption(modules.tokenizer, t, args.num_vectors) for t in texts]
-        choices = [[texts.index(c)] if c else list(range(len(templates))) for c in captions]
-        sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
-        init = ci.init_vectors_from_word(modules, args.init_word, args.num_vectors)
-        loss_fn = ci.make_loss_fn(modules, prompts, sampler)
+    run = run_metadata(model, clip, run_sources(args, reports, data_source), config, init_word=args.init_word,
+                       templates=args.templates, resolution=args.resolution, num_images=len(captions),
+                       concept=args.concept)  # hashes the model files once
+    monitor = TrainingMonitor(args, work_dir, model, clip, vae, run, start_step=state["step"] if state else 0)
+    try:
+        trained = train_embedding(model, clip, latents, captions, config, args.init_word, args.templates,
+                                  copy_weights="never", gradient_checkpointing=args.gradient_checkpointing,
+                                  mixed_precision=not args.no_mixed_precision, on_step=monitor.on_step, state=state)
+    except KeyboardInterrupt:
+        monitor.close()
+        if monitor.last is not None:
+            monitor.save_checkpoint(monitor.last.state, monitor.last.vectors)
+            print(f"\n[interrupted] saved step {monitor.last.step} to {state_path}; "
+                  "rerun the same command with --resume to continue")
+        else:
+            print("\n[interrupted] before the first step; nothing saved")
+        return 130
+    monitor.close()
 
-        provenance = training_metadata(args, reports, data_source, len(captions), modules)  # hashes once
-        provenance["text_encoder_fingerprint"] = clip_fingerprint(clip) or ""
-        provenance["model_fingerprint"] = model_fingerprint(model) or ""
-
-        def metadata(losses, steps_done):
-            tail = losses[-100:]
-            return {**provenance, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
-                    "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
-
-        def write_checkpoint(progress):
-            save_state(state_path, progress.state)
-            save_embedding(os.path.join(work_dir, "checkpoint.safetensors"),
-                           {modules.embedding_key: progress.vectors}, metadata(progress.state["losses"].tolist(),
-                                                                               progress.step))
-            write_loss_csv(os.path.join(work_dir, "loss.csv"), progress.state["losses"].tolist())
-
-        from tqdm import tqdm
-        bar = tqdm(total=config.steps, initial=state["step"] if state else 0, desc=args.name, unit="step",
-                   dynamic_ncols=True)
-        last = {}
-
-        def on_step(progress):
-            last["progress"] = progress
-            bar.update(1)
-            bar.set_postfix(loss=f"{smoothed(progress.state['losses'].tolist()[-200:])[-1]:.4f}")
-            if args.checkpoint_every and progress.step % args.checkpoint_every == 0:
-                write_checkpoint(progress)
-            if args.preview_every and not args.no_preview and progress.step % args.preview_every == 0:
-                preview(model, clip, vae, modules, progress.vectors, args.preview_prompt, args.preview_steps,
-                        args.seed, args.resolution, os.path.join(work_dir, f"preview-{progress.step:06d}.png"))
-
-        try:
-            result = invert_concept(loss_fn, init, config, on_step=on_step, state=state)
-        except KeyboardInterrupt:
-            bar.close()
-            if "progress" in last:
-                write_checkpoint(last["progress"])
-                print(f"\n[interrupted] saved step {last['progress'].step} to {state_path}; "
-                      "rerun the same command with --resume to continue")
-            else:
-                print("\n[interrupted] before the first step; nothing saved")
-            return 130
-        bar.close()
-
-        losses = result.losses
-        save_state(state_path, result.state)
-        write_loss_csv(os.path.join(work_dir, "loss.csv"), losses)
-        plot_losses(os.path.join(work_dir, "loss.png"), losses)
-        if not args.no_preview:
-            preview(model, clip, vae, modules, result.vectors, args.preview_prompt, args.preview_steps, args.seed,
-                    args.resolution, os.path.join(work_dir, "preview-final.png"))
-        digest = save_embedding(destination, {modules.embedding_key: result.vectors}, metadata(losses, config.steps))
+    save_state(state_path, trained.state)
+    write_loss_csv(os.path.join(work_dir, "loss.csv"), trained.losses)
+    plot_losses(os.path.join(work_dir, "loss.png"), trained.losses)
+    if not args.no_preview:
+        monitor.preview(trained.vectors, "preview-final.png")
+    digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
+                            embedding_metadata(run, trained.losses, config.steps))
     print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
     return 0
 
 
-def training_metadata(args, reports, data_source, num_images, modules) -> dict:
-    """Provenance for the embedding file: models and their sha256, data, hyper-parameters."""
-    unlearned = [r.describe() for r in reports]
+def run_sources(args, reports, data_source: str) -> RunSources:
+    """The model files (names and sha256) and the data of a CLI run."""
     hashes = [sha256_file(r.path) for r in reports if os.path.isfile(r.path)]
-    return {
-        "concept": args.concept,
-        "base_model": os.path.basename(args.checkpoint),
-        "base_model_hash": sha256_file(args.checkpoint),
-        "unlearned_model": "; ".join(unlearned) or os.path.basename(args.checkpoint),
-        "unlearned_model_hash": ",".join(hashes) or sha256_file(args.checkpoint),
-        "trainer_version": __version__,
-        "init_word": args.init_word,
-        "training": json.dumps({
-            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "seed": args.seed,
-            "resolution": args.resolution, "templates": args.templates, "data": data_source,
-            "images": num_images, "text_encoder": modules.embedding_key, "optimizer": "Adam",
-        }, sort_keys=True),
-    }
+    base_hash = sha256_file(args.checkpoint)
+    return RunSources(base_model=os.path.basename(args.checkpoint), base_model_hash=base_hash,
+                      unlearned_model="; ".join(r.describe() for r in reports) or os.path.basename(args.checkpoint),
+                      unlearned_model_hash=",".join(hashes) or base_hash, data=data_source,
+                      trained_in="python -m trainer")
 
 
 def main(argv=None) -> int:

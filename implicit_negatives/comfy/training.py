@@ -1,0 +1,103 @@
+"""The one training entry of the TrainImplicitNegative node and ``python -m trainer``.
+
+Both callers bring ComfyUI objects (MODEL, CLIP), VAE latents with a caption (or None) per image, and an
+``InversionConfig``; this module sets up the frozen modules, the captions, the loss and the start vectors,
+runs the core loop (``implicit_negatives.inversion.invert_concept``) and writes the embedding's metadata.
+"The node equals the CLI" therefore holds by construction: they differ only in where the data comes from
+and what they do between steps (a progress bar; checkpoints and previews).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept
+from . import inversion as ci
+from .clip import clip_fingerprint
+from .model_identity import model_fingerprint
+
+
+@dataclass
+class TrainedEmbedding:
+    """vectors: (N, D) float32 on the CPU; losses: one per step; embedding_key: "clip_l" / "clip_h";
+    state: the resume state at the end."""
+
+    vectors: torch.Tensor
+    losses: list[float]
+    embedding_key: str
+    state: dict = field(repr=False)
+
+
+def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optional[str]], config: InversionConfig,
+                    init_word: str, templates: str, *, copy_weights: str = "auto", gradient_checkpointing: bool = False,
+                    mixed_precision: bool = True, on_step: Optional[Callable[[InversionProgress], None]] = None,
+                    state: Optional[dict] = None) -> TrainedEmbedding:
+    """Learn an implicit negative on ``latents`` (M, 4, h, w), as VAEEncode returns them.
+
+    captions[i]: image i's own caption ("{}" marks the vectors), or None to caption it each step with one
+    of the ``templates`` (a ``CAPTION_TEMPLATES`` name). copy_weights, gradient_checkpointing and
+    mixed_precision go to ``training_modules``; on_step and state to ``invert_concept``.
+    """
+    if len(captions) != latents.shape[0]:
+        raise ci.TrainingSetupError(f"{len(captions)} captions for {latents.shape[0]} images")
+    with ci.training_modules(model, clip, copy_weights=copy_weights, gradient_checkpointing=gradient_checkpointing,
+                             mixed_precision=mixed_precision) as modules:
+        template_texts = CAPTION_TEMPLATES[templates]
+        texts = list(template_texts) + sorted({c for c in captions if c})
+        prompts = [ci.tokenize_caption(modules.tokenizer, t, config.num_vectors) for t in texts]
+        choices = [[texts.index(c)] if c else list(range(len(template_texts))) for c in captions]
+        sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
+        init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
+        result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state)
+        return TrainedEmbedding(vectors=result.vectors.cpu(), losses=result.losses,
+                                embedding_key=modules.embedding_key, state=result.state)
+
+
+def embedding_key(clip) -> str:
+    """The key this CLIP's vectors are saved under: "clip_l" (SD1.x) or "clip_h" (SD2.x)."""
+    return ci.single_text_encoder(clip)[2].embedding_key
+
+
+@dataclass
+class RunSources:
+    """Where a run's model and data came from, as its caller knows them: file names and sha256 (the CLI),
+    or "ComfyUI graph MODEL" (the node); ``trained_in`` names the caller."""
+
+    base_model: str
+    unlearned_model: str
+    data: str
+    trained_in: str
+    base_model_hash: str = ""
+    unlearned_model_hash: str = ""
+
+
+def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, init_word: str, templates: str,
+                 resolution: int, num_images: int, concept: str) -> dict:
+    """The metadata fixed for a run (models, data, hyper-parameters); ``embedding_metadata`` adds the progress."""
+    return {
+        "concept": concept,
+        "base_model": sources.base_model, "base_model_hash": sources.base_model_hash,
+        "unlearned_model": sources.unlearned_model, "unlearned_model_hash": sources.unlearned_model_hash,
+        "trainer_version": __version__,
+        "init_word": init_word,
+        "text_encoder_fingerprint": clip_fingerprint(clip) or "",
+        "model_fingerprint": model_fingerprint(model) or "",
+        "training": json.dumps({
+            "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
+            "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,
+            "text_encoder": embedding_key(clip), "optimizer": "Adam", "trained_in": sources.trained_in,
+        }, sort_keys=True),
+    }
+
+
+def embedding_metadata(run: dict, losses: Sequence[float], steps_done: int) -> dict:
+    """``run_metadata`` plus the progress: steps done, mean loss of the last 100 steps, creation time (UTC)."""
+    tail = list(losses)[-100:]
+    return {**run, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
+            "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
