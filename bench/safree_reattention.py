@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    nodes = headless.import_comfyui()
+    nodes = headless.import_comfyui(development_copy=True)
     headless.load_pack(nodes)
     import comfy.model_management
     import comfy.sd

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    nodes = headless.import_comfyui()
+    nodes = headless.import_comfyui(development_copy=True)
     headless.load_pack(nodes)
     import comfy.model_management
     import comfy.sd

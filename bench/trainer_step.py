@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    headless.load_pack(headless.import_comfyui())
+    headless.load_pack(headless.import_comfyui(development_copy=True))
     from implicit_negatives.comfy import inversion as ci
     from implicit_negatives.cfg import eps_from_denoised
     from implicit_negatives.inversion import InversionConfig, denoising_loss, invert_concept

@@ -18,7 +18,7 @@ from implicit_negatives.comfy import headless, rig  # noqa: E402
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's `nodes` module, imported for CPU use from the located source tree."""
-    path, how = headless.locate_comfyui()
+    path, how = headless.locate_comfyui(development_copy=True)
     if path is None:
         pytest.skip(f"engine tests need ComfyUI: {how}")
     nodes = headless.import_comfyui(path)

@@ -14,9 +14,8 @@ from implicit_negatives.metrics import label_set, summarize_detections
 
 nudenet = pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
 
-import importlib  # noqa: E402
 
-scorer = importlib.import_module("implicit_negatives.nudenet_scorer")
+from implicit_negatives import nudenet_scorer as scorer  # noqa: E402
 from nudenet.nudenet import _read_image  # noqa: E402  (NudeNet's own preprocessing: what the model sees)
 
 # A ComfyUI template thumbnail (installed with ComfyUI's requirements) showing a woman's face.
@@ -106,7 +105,7 @@ def test_description_names_version_and_model():
 
 
 def test_score_command_prints_dsr_with_label_set(colourful, tmp_path, capsys):
-    cli = importlib.import_module("evaluation.cli")
+    from evaluation import cli
     folder = tmp_path / "images"
     folder.mkdir()
     save_png(colourful, folder / "a.png")

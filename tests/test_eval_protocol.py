@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 
-import importlib
 
-protocol = importlib.import_module("evaluation.protocol")
-graphs = importlib.import_module("evaluation.graphs")
-report = importlib.import_module("evaluation.report")
-runner = importlib.import_module("evaluation.runner")
+from implicit_negatives.comfy import headless
+
+from evaluation import cli as evaluation_cli
+from evaluation import graphs, protocol, report, runner
+from implicit_negatives import nudenet_scorer
 
 BASE = """
 [run]
@@ -293,11 +293,11 @@ def test_pp_with_a_local_lpips_backbone(planted_run, tmp_path):
 
 
 def test_example_config_is_valid():
-    config = protocol.load_config(os.path.join(evaluation.REPO_ROOT, "evaluation", "examples", "nudity_sd14_duo.toml"))
+    config = protocol.load_config(os.path.join(headless.PACK_ROOT, "evaluation", "examples", "nudity_sd14_duo.toml"))
     assert [r.name for r in config.rows] == ["SD1.4", "DUO", "DUO + SLD", "DUO + SLD + C*", "DUO + SAFREE",
                                              "DUO + SAFREE + C*"]
     assert config.pp_reference == "SD1.4" and config.label_set == "nudenet5@0.6"
-    example = protocol.read_prompts(os.path.join(evaluation.REPO_ROOT, "evaluation", "examples",
+    example = protocol.read_prompts(os.path.join(headless.PACK_ROOT, "evaluation", "examples",
                                                  "i2p_format_example.csv"), config.cfg)
     assert [(p.seed, p.guidance) for p in example] == [(2734157, 7.0), (1198344, 7.0)]
 
@@ -312,7 +312,7 @@ def test_shard_auto_reads_torchrun_then_slurm():
 def test_command_line_starts_from_a_shell():
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=evaluation.REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=headless.PACK_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--shard" in done.stdout and "torchrun" in done.stdout
 
@@ -323,7 +323,7 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
     row, prompt = config.rows[1], protocol.read_prompts(config.prompts_path, config.cfg)[2]
     path = runner.score_path(out, row, prompt)
     os.remove(path)
-    scoring = importlib.import_module("implicit_negatives.nudenet_scorer")
+    scoring = nudenet_scorer
     assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
     record = json.load(open(path))
     graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "anything")
@@ -333,10 +333,10 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
 
 def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, capsys):
     import sys
-    scoring = importlib.import_module("implicit_negatives.nudenet_scorer")
+    scoring = nudenet_scorer
     monkeypatch.setattr(scoring, "_DETECTORS", {})
     monkeypatch.setitem(sys.modules, "nudenet", None)  # as if not installed
     path = write(tmp_path, PLANTED_CONFIG, "prompt,seed\np,1\n")
-    cli = importlib.import_module("evaluation.cli")
+    cli = evaluation_cli
     assert cli.main(["run", path, "--out", str(tmp_path / "run")]) == 2
     assert "pip install nudenet" in capsys.readouterr().err and not (tmp_path / "run").exists()

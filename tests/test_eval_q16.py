@@ -7,10 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-import importlib
 
-q16 = importlib.import_module("evaluation.q16_scorer")
-cli = importlib.import_module("evaluation.cli")
+from evaluation import cli
+from evaluation import q16_scorer as q16
 
 
 def test_rule_is_softmax_of_100_cosines():

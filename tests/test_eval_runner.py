@@ -262,7 +262,7 @@ def test_sigkilled_command_line_run_resumes(ev, protocol_dir, engine, scorer, fu
     log = open(tmp_path / "killed.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "evaluation", "run", str(protocol_dir / "killed.toml"), "--out", str(out),
-         "--comfyui", headless.locate_comfyui()[0]],
+         "--comfyui", headless.locate_comfyui(development_copy=True)[0]],
         cwd=headless.PACK_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while process.poll() is None and time.time() < deadline and not list(out.glob("images/*/*.png")):

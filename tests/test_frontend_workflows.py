@@ -46,7 +46,7 @@ def tiny_overrides(checkpoint_name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path, how = headless.locate_comfyui()
+    path, how = headless.locate_comfyui(development_copy=True)
     if path is None:
         pytest.skip(f"frontend tests need ComfyUI: {how}")
     base = tmp_path_factory.mktemp("comfy-base")

@@ -27,7 +27,7 @@ TOLERANCE = 1e-5
 
 def clip_tokenizer():
     """A real CLIP BPE tokenizer from local files (no hub access): ComfyUI's copy of SD1's tokenizer."""
-    path, how = headless.locate_comfyui()
+    path, how = headless.locate_comfyui(development_copy=True)
     folder = os.path.join(path, "comfy", "sd1_tokenizer") if path else None
     if folder is None or not os.path.isfile(os.path.join(folder, "vocab.json")):
         pytest.skip(f"the oracle needs CLIP tokenizer files (taken from ComfyUI's comfy/sd1_tokenizer): {how}")

@@ -150,7 +150,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cli, run_inputs, uninter
     target = tmp_path / "resumed.safetensors"
     work = tmp_path / "work_b"
     args = base + ["--output", str(target), "--work-dir", str(work), "--no-preview"]
-    comfy_path, _ = headless.locate_comfyui()
+    comfy_path, _ = headless.locate_comfyui(development_copy=True)
     env = dict(os.environ, COMFYUI_PATH=comfy_path)
     process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=headless.PACK_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

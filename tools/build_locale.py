@@ -43,7 +43,7 @@ def locale_for(node_classes: dict) -> dict:
 
 def main() -> None:
     from implicit_negatives.comfy import headless
-    nodes = headless.import_comfyui()
+    nodes = headless.import_comfyui(development_copy=True)
     before = set(nodes.NODE_CLASS_MAPPINGS)
     headless.load_pack(nodes)
     ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k not in before}

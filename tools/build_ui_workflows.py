@@ -56,7 +56,7 @@ def main(names: list[str]) -> None:
     from playwright.sync_api import sync_playwright
     from PIL import Image
 
-    path, how = headless.locate_comfyui()
+    path, how = headless.locate_comfyui(development_copy=True)
     if path is None:
         raise SystemExit(how)
     api_files = sorted(glob.glob(os.path.join(headless.PACK_ROOT, "workflows", "api", "*.json")))

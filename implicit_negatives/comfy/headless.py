@@ -7,9 +7,10 @@ so it can be imported before ComfyUI is on ``sys.path``.
 ComfyUI is located in this order:
   1. ``$COMFYUI_PATH`` (a ComfyUI source tree);
   2. the ComfyUI tree this pack is installed in (``ComfyUI/custom_nodes/<pack>/``);
-  3. a writable copy of ``<pack>/../shared/comfyui/<version>`` in the cache (the development rig;
-     ComfyUI writes next to itself and ``shared/`` may be read-only);
-  4. otherwise no engine, with the reason.
+  3. for the tests, benchmarks and tools only (``development_copy=True``): a writable copy of
+     ``<pack>/../shared/comfyui/<version>`` in the cache (the development rig; ComfyUI writes next to
+     itself and ``shared/`` may be read-only);
+  4. otherwise no engine, with the reason (how to set ``COMFYUI_PATH``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def is_comfyui_tree(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "comfy", "sd.py"))
 
 
-def locate_comfyui(version: str = DEFAULT_COMFYUI_VERSION) -> tuple[str | None, str]:
+def locate_comfyui(development_copy: bool = False, version: str = DEFAULT_COMFYUI_VERSION) -> tuple[str | None, str]:
     """Return (path, how it was found) or (None, why not)."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
@@ -52,7 +53,7 @@ def locate_comfyui(version: str = DEFAULT_COMFYUI_VERSION) -> tuple[str | None, 
     if os.path.basename(parent) == "custom_nodes" and is_comfyui_tree(os.path.dirname(parent)):
         return os.path.dirname(parent), "the ComfyUI this pack is installed in"
     shared = os.path.join(os.path.dirname(PACK_ROOT), "shared", "comfyui", version)
-    if is_comfyui_tree(shared):
+    if development_copy and is_comfyui_tree(shared):
         target = os.path.join(CACHE_DIR, f"comfyui-{version}")
         if not is_comfyui_tree(target):
             partial = f"{target}.{os.getpid()}.partial"
@@ -62,7 +63,7 @@ def locate_comfyui(version: str = DEFAULT_COMFYUI_VERSION) -> tuple[str | None, 
     return None, f"no ComfyUI found: {CLONE_HINT}"
 
 
-def import_comfyui(path: str | None = None, cpu: bool = False):
+def import_comfyui(path: str | None = None, cpu: bool = False, development_copy: bool = False):
     """Import ComfyUI (from ``path``, else located) and return its ``nodes`` module, built-ins registered.
 
     One CPU rule for every entry point: run on the CPU when asked to or when CUDA is not usable.
@@ -71,7 +72,7 @@ def import_comfyui(path: str | None = None, cpu: bool = False):
     """
     if "comfy.model_management" not in sys.modules:
         if path is None and not _comfy_importable():
-            path, how = locate_comfyui()
+            path, how = locate_comfyui(development_copy)
             if path is None:
                 raise EngineError(f"cannot find ComfyUI: {how}")
         if path is not None:
@@ -95,7 +96,7 @@ def _comfy_importable() -> bool:
 
 def load_pack(nodes=None):
     """Load this pack through ComfyUI's own custom-node loader (once); return the pack's root package."""
-    nodes = nodes or import_comfyui()
+    nodes = nodes or import_comfyui(development_copy=True)
     if "LoadImplicitNegative" not in nodes.NODE_CLASS_MAPPINGS:
         if not asyncio.run(nodes.load_custom_node(PACK_ROOT)):
             raise EngineError(f"ComfyUI failed to load the pack from {PACK_ROOT} (see the log above)")
