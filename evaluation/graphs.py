@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .protocol import SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, NegativeSource, PromptRecord, Row, RunConfig
+from .protocol import (LORA_NODE, SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, UNET_NODE, NegativeSource,
+                       PromptRecord, Row, RunConfig)
 
 Resolve = Callable[[str, str], str]
 SAVE_NODE = "save"
@@ -26,9 +27,10 @@ def _model_nodes(config: RunConfig, row: Row, resolve: Resolve) -> tuple[dict, l
     graph = {"ckpt": {"class_type": "CheckpointLoaderSimple",
                       "inputs": {"ckpt_name": resolve("checkpoints", setup.checkpoint)}}}
     model, clip, vae = ["ckpt", 0], ["ckpt", 1], ["ckpt", 2]
-    if setup.unet:
-        graph["unet"] = {"class_type": "UNETLoader",
-                         "inputs": {"unet_name": resolve("diffusion_models", setup.unet), "weight_dtype": "default"}}
+    if setup.unet:  # merged onto the checkpoint's UNet: whole (old ESD, UCE, RECE) or edited weights (new ESD, UCE)
+        graph["unet"] = {"class_type": UNET_NODE,
+                         "inputs": {"model": model, "unet_name": resolve("diffusion_models", setup.unet),
+                                    "allow_partial": False}}
         model = ["unet", 0]
     if setup.text_encoder:
         graph["te"] = {"class_type": "CLIPLoader",
@@ -36,9 +38,10 @@ def _model_nodes(config: RunConfig, row: Row, resolve: Resolve) -> tuple[dict, l
                                   "type": "stable_diffusion"}}
         clip = ["te", 0]
     if setup.lora:
-        graph["lora"] = {"class_type": "LoraLoader",
+        graph["lora"] = {"class_type": LORA_NODE,
                          "inputs": {"model": model, "clip": clip, "lora_name": resolve("loras", setup.lora),
-                                    "strength_model": setup.lora_strength, "strength_clip": setup.lora_strength}}
+                                    "strength_model": setup.lora_strength, "strength_clip": setup.lora_strength,
+                                    "allow_partial": False}}
         model, clip = ["lora", 0], ["lora", 1]
     return graph, model, clip, vae
 

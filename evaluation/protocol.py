@@ -26,6 +26,8 @@ GUIDANCE_KINDS = ("none", "negative_prompt", "sld", "safree", "model_patch")
 SLD_NODE = "SafeLatentGuidance"
 SAFREE_NODE = "SafreeConditioning"
 SAFREE_REATTENTION_NODE = "SafreeLatentReAttention"
+UNET_NODE = "LoadUnlearnedWeights"
+LORA_NODE = "LoadUnlearnedLoRA"
 
 
 class ConfigError(ValueError):
@@ -45,9 +47,9 @@ class PromptRecord:
 class ModelSetup:
     name: str
     checkpoint: str
-    unet: str = ""            # UNETLoader file replacing the checkpoint's UNet (ESD/UCE/RECE full UNet dicts)
+    unet: str = ""            # LoadUnlearnedWeights file merged into the checkpoint's UNet (ESD/UCE/RECE/MACE)
     text_encoder: str = ""    # CLIPLoader file replacing the checkpoint's text encoder (AdvUnlearn)
-    lora: str = ""            # LoraLoader file (DUO, SPM)
+    lora: str = ""            # LoadUnlearnedLoRA file (DUO, SPM)
     lora_strength: float = 1.0
 
 

@@ -162,6 +162,7 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     assert (plain["sample"]["inputs"]["seed"], plain["sample"]["inputs"]["cfg"]) == (7, 6.5)
     duo = built(config, "DUO")
     assert duo["lora"]["inputs"]["model"] == ["ckpt", 0] and duo["sample"]["inputs"]["model"] == ["lora", 0]
+    assert duo["lora"]["class_type"] == "LoadUnlearnedLoRA"  # reads DUO's diffusers/peft keys, unlike LoraLoader
     assert duo["pos"]["inputs"]["clip"] == ["lora", 1]
     sld = built(config, "DUO + SLD")
     assert sld["patch"] == {"class_type": "SafeLatentGuidance",
@@ -180,7 +181,9 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     negative_prompt = built(config, "DUO + NP")
     assert negative_prompt["sample"]["inputs"]["negative"] == ["neg", 0] and "empty" not in negative_prompt
     esd = built(config, "ESD + patch")
-    assert esd["unet"]["inputs"]["unet_name"] == "diffusers-nudity-ESDu1-UNET.pt"
+    assert esd["unet"] == {"class_type": "LoadUnlearnedWeights",  # merged onto the checkpoint's UNet
+                           "inputs": {"model": ["ckpt", 0], "unet_name": "diffusers-nudity-ESDu1-UNET.pt",
+                                      "allow_partial": False}}
     assert esd["te"]["inputs"]["clip_name"] == "advunlearn_te.safetensors" and esd["pos"]["inputs"]["clip"] == ["te", 0]
     assert esd["patch"]["inputs"] == {"model": ["unet", 0], "concept": ["neg", 0], "strength": 2.0}
 

@@ -43,11 +43,13 @@ def test_partial_diffusers_unet_is_merged_as_patches_with_a_report(weights, tiny
     path = str(tmp_path / "esd-x-strict.safetensors")
     save_file(partial, path)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    patched, report = weights.apply_unet_weights(model, path)
-    assert report.layout == "partial UNet, diffusers keys"
+    with pytest.raises(weights.WeightLayoutError, match=rf"1 of its {len(partial)} tensors do not fit .*not\.a\.unet"):
+        weights.apply_unet_weights(model, path)
+    patched, report = weights.apply_unet_weights(model, path, allow_partial=True)
+    assert report.layout == f"partial ({len(partial) - 1} of 122 weights) UNet, diffusers keys"
     assert (report.matched, report.total) == (len(partial) - 1, len(partial)) and report.matched >= 4
     assert report.unmatched == ["not.a.unet.key"]
-    assert f"{report.matched}/{report.total} keys matched" in report.describe()
+    assert f"{report.matched}/{report.total} tensors used" in report.describe()
     import comfy.utils
     ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     assert set(patched.patches) - set(model.patches) == {"diffusion_model." + ldm[d] for d in partial if d in ldm}
@@ -61,7 +63,7 @@ def test_full_diffusers_unet_and_mismatches(weights, tiny_sd15, tmp_path):
     full = diffusers_unet_state(model)
     patches, report = weights.unet_patches(model, full, "full.pt")
     assert report.layout == "full UNet, diffusers keys" and report.matched == len(model.model.diffusion_model.state_dict())
-    with pytest.raises(weights.WeightLayoutError, match="none of its 2 keys"):
+    with pytest.raises(weights.WeightLayoutError, match="none of its 2 tensors"):
         weights.unet_patches(model, {"foo.weight": torch.zeros(1), "bar": torch.zeros(1)}, "other.safetensors")
     key = next(k for k in full if "attn2.to_k" in k)
     with pytest.raises(weights.WeightLayoutError, match="different architecture"):
@@ -76,9 +78,9 @@ def test_lora_is_applied_through_comfyui_with_a_report(weights, tiny_sd15, tmp_p
     path = str(tmp_path / "spm.safetensors")
     save_file(lora, path)
     new_model, new_clip, report = weights.apply_lora(model, clip, path, 1.0)
-    assert report.matched == 1 and new_model is not model
+    assert (report.matched, report.total) == (3, 3) and new_model is not model  # tensors, not patched modules
     save_file({"lora_te_nothing.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(weights.WeightLayoutError, match="no LoRA key matched"):
+    with pytest.raises(weights.WeightLayoutError, match="none of its 1 tensors"):
         weights.apply_lora(model, clip, str(tmp_path / "bad.safetensors"), 1.0)
 
 
@@ -119,13 +121,14 @@ def uninterrupted(cli, run_inputs, embeddings_dir):
 def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted, tiny_sd15, embeddings_dir):
     path, work, log = uninterrupted
     import re
-    assert re.search(r"esd-x\.safetensors: partial UNet, diffusers keys, (\d+)/\1 keys matched", log), log
+    assert re.search(r"esd-x\.safetensors: partial \((\d+) of 122 weights\) UNet, diffusers keys, \1/\1 tensors used",
+                     log), log
     embedding = load_embedding(str(path))
     assert embedding.vectors["clip_l"].shape == (1, 768)
     meta = embedding.metadata
     assert meta["steps"] == "3" and meta["init_word"] == "cat" and meta["concept"] == "test concept"
     assert meta["intended_use"] == "negative" and len(meta["base_model_hash"]) == 64
-    assert "partial UNet" in meta["unlearned_model"]
+    assert "partial (" in meta["unlearned_model"]
     adapter = importlib.import_module("implicit_negatives.comfy.clip")
     assert meta["text_encoder_fingerprint"] == adapter.clip_fingerprint(tiny_sd15[1])  # same CLIP: no warning
     identity = importlib.import_module("implicit_negatives.comfy.model_identity")

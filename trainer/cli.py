@@ -20,7 +20,7 @@ from implicit_negatives.comfy import inversion as ci
 from implicit_negatives.comfy.training import (
     RunSources, embedding_key, embedding_metadata, run_metadata, train_embedding,
 )
-from implicit_negatives.comfy.weights import load_checkpoint, load_unlearned_model
+from implicit_negatives.comfy.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
 from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, load_state, save_state
 
@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--unet", help="replacement UNet weights: a full diffusers-key UNet (ESD/UCE/RECE .pt/.bin/"
                                       ".safetensors) or a partial one (new ESD/UCE code), merged as patches")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                       help="LoRA to apply (SPM, DUO); repeatable")
+                       help="LoRA to apply (SPM, DUO; kohya, diffusers/peft or any layout ComfyUI reads); repeatable")
     model.add_argument("--text-encoder", help="replacement text encoder (AdvUnlearn): file or transformers folder")
+    model.add_argument("--allow-partial", action="store_true",
+                       help="apply the tensors of a --unet / --lora file that fit and list the others, instead of "
+                            "refusing a file that does not fit the checkpoint completely")
 
     data = p.add_argument_group("data (one of)")
     data.add_argument("--images", help="folder of concept images; optional same-name .txt captions")
@@ -200,8 +203,12 @@ def run(args) -> int:
     os.makedirs(work_dir, exist_ok=True)
     state_path = os.path.join(work_dir, "state.pt")
 
-    model, clip, vae, reports = load_unlearned_model(args.checkpoint, args.unet, parse_loras(args.lora),
-                                                     args.text_encoder, folder_paths.get_folder_paths("embeddings"))
+    try:
+        model, clip, vae, reports = load_unlearned_model(args.checkpoint, args.unet, parse_loras(args.lora),
+                                                         args.text_encoder, folder_paths.get_folder_paths("embeddings"),
+                                                         args.allow_partial)
+    except WeightLayoutError as error:
+        raise SystemExit(f"error: {error}") from error
     for report in reports:
         print(f"[weights] {report.describe()}")
     images, captions, data_source = load_data(args, work_dir)

@@ -1,19 +1,26 @@
 """Load an unlearned model through ComfyUI's loaders, in every layout erasure methods publish.
 
     single-file checkpoint   CompVis .ckpt / .safetensors (SA, old ESD "compvis-*"): the base
-    --unet (full)            a whole diffusers-key UNet (.pt/.bin/.safetensors: old ESD, UCE, RECE)
-    --unet (partial)         only the edited weights, diffusers keys (new ESD / UCE code): merged as
-                             "set" patches on a clone, with a report of how many keys matched
-    --lora                   LoRAs (SPM, DUO) through ComfyUI's LoRA loader
-    --text-encoder           a replaced CLIP text encoder (AdvUnlearn), single file or HF folder
+    UNet file (full)         a whole diffusers-key UNet (.pt/.bin/.safetensors: old ESD, UCE, RECE, MACE's
+                             unet/diffusion_pytorch_model.safetensors) or LDM keys
+    UNet file (partial)      only the edited weights, diffusers keys (new ESD / UCE code)
+    LoRA                     kohya (SPM), diffusers/peft (DUO: ``unet.<module>.lora.down.weight``) and every
+                             other layout ComfyUI's LoRA loader reads
+    text encoder             a replaced CLIP text encoder (AdvUnlearn), single file or HF folder
 
+UNet files become "set" patches and LoRAs ComfyUI's own LoRA patches, on clones: the base model's weights are
+never edited in place. Every file reports how many of its tensors were used; a file that does not fit the model
+completely is an error (unless partial use is explicitly allowed), and so is every shape ComfyUI cannot merge.
 Pickled files are read with ``weights_only=True`` (ComfyUI's ``load_torch_file(safe_load=True)``).
-The base model's weights are never edited in place: every change is a patch on a clone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,13 @@ import comfy.sd
 import comfy.utils
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.")
+# Tensor names of one LoRA module, after its module name (kohya, diffusers, peft; ComfyUI reads them all).
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".lora.down.weight", ".lora.up.weight",
+                 ".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale")
+PEFT_UNET_PREFIXES = ("unet.", "base_model.model.", "")
+NOT_LOADED = "lora key not loaded: "  # ComfyUI's log lines: a file key it skipped, a patch no weight took
+NOT_PATCHED = "NOT LOADED "
+SHOWN = 8  # unmatched names listed in a message
 
 
 class WeightLayoutError(ValueError):
@@ -31,7 +45,7 @@ class WeightLayoutError(ValueError):
 
 @dataclass
 class WeightReport:
-    """What a weights file did to the model: layout, matched / total keys, a few unmatched names."""
+    """What a weights file did to the model: its layout, how many of its tensors were used, the unused ones."""
 
     path: str
     layout: str
@@ -40,10 +54,22 @@ class WeightReport:
     unmatched: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        text = f"{os.path.basename(self.path)}: {self.layout}, {self.matched}/{self.total} keys matched"
+        text = f"{os.path.basename(self.path)}: {self.layout}, {self.matched}/{self.total} tensors used"
         if self.unmatched:
-            text += f" (unmatched e.g. {', '.join(self.unmatched[:3])})"
+            text += f"; unused (allowed as partial): {_listing(self.unmatched)}"
         return text
+
+
+def _listing(names: list[str]) -> str:
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+def _refuse_partial(path: str, unmatched: list[str], total: int, what: str, hint: str = "") -> None:
+    raise WeightLayoutError(
+        f"{os.path.basename(path)}: {len(unmatched)} of its {total} tensors do not fit {what}: "
+        f"{_listing(unmatched)}.{hint} Use a file made for this base model, or allow partial loading "
+        "(allow_partial / --allow-partial) to apply only the tensors that fit.")
 
 
 def load_checkpoint(path: str, embedding_directory=None):
@@ -57,28 +83,30 @@ def load_checkpoint(path: str, embedding_directory=None):
     return model, clip, vae
 
 
-def _strip_unet_prefix(state: dict) -> dict:
+def _unet_name(key: str) -> str:
     for prefix in UNET_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
-def unet_patches(model, state: dict, path: str = "unet") -> tuple[dict, WeightReport]:
-    """Map a UNet state dict (diffusers or LDM keys) onto ``model``: ({patch key: ("set", (w,))}, report).
+def unet_patches(model, state: dict, path: str = "unet", allow_partial: bool = False) -> tuple[dict, WeightReport]:
+    """Map a UNet state dict (diffusers or LDM keys, whole or only the edited weights) onto ``model``:
+    ({patch key: ("set", (w,))}, report).
 
-    Raises WeightLayoutError when no key matches (wrong file or architecture) or a matched key has
-    the wrong shape.
+    Raises WeightLayoutError when no tensor fits (wrong file), a tensor has the wrong shape (another
+    architecture), or some tensors fit nothing and ``allow_partial`` is False.
     """
-    state = {k: v for k, v in _strip_unet_prefix(state).items() if torch.is_tensor(v)}
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
     model_state = model.model.diffusion_model.state_dict()
     diffusers_to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     patches, unmatched, layouts = {}, [], set()
-    for key, weight in state.items():
-        if key in model_state:
-            target, layouts = key, layouts | {"LDM keys"}
-        elif key in diffusers_to_ldm and diffusers_to_ldm[key] in model_state:
-            target, layouts = diffusers_to_ldm[key], layouts | {"diffusers keys"}
+    for key, weight in tensors.items():
+        name = _unet_name(key)
+        if name in model_state:
+            target, layouts = name, layouts | {"LDM keys"}
+        elif diffusers_to_ldm.get(name) in model_state:
+            target, layouts = diffusers_to_ldm[name], layouts | {"diffusers keys"}
         else:
             unmatched.append(key)
             continue
@@ -90,34 +118,141 @@ def unet_patches(model, state: dict, path: str = "unet") -> tuple[dict, WeightRe
         patches["diffusion_model." + target] = ("set", (weight,))
     if not patches:
         raise WeightLayoutError(
-            f"{os.path.basename(path)}: none of its {len(state)} keys (e.g. {', '.join(sorted(state)[:3])}) "
+            f"{os.path.basename(path)}: none of its {len(tensors)} tensors (e.g. {', '.join(sorted(tensors)[:3])}) "
             "matches this checkpoint's UNet; expected diffusers-style UNet keys (down_blocks.0...) or LDM keys "
-            "(input_blocks.0...) for the same architecture")
-    full = len(patches) == len(model_state)
-    layout = f"{'full' if full else 'partial'} UNet, {' + '.join(sorted(layouts))}"
-    return patches, WeightReport(path, layout, len(patches), len(state), sorted(unmatched))
+            "(input_blocks.0...) for the same architecture (a LoRA goes into Load Unlearned LoRA / --lora)")
+    unmatched.sort()
+    if unmatched and not allow_partial:
+        whole = any(k.startswith(("cond_stage_model.", "first_stage_model.")) for k in unmatched)
+        hint = " It is a whole checkpoint: load it with CheckpointLoaderSimple / --checkpoint." if whole else ""
+        _refuse_partial(path, unmatched, len(tensors), "this model's UNet", hint)
+    covered = "full" if len(patches) == len(model_state) else f"partial ({len(patches)} of {len(model_state)} weights)"
+    layout = f"{covered} UNet, {' + '.join(sorted(layouts))}"
+    return patches, WeightReport(path, layout, len(tensors) - len(unmatched), len(tensors), unmatched)
 
 
-def apply_unet_weights(model, path: str):
+def apply_unet_weights(model, path: str, allow_partial: bool = False):
     """A clone of ``model`` with the UNet weights of ``path`` merged as patches; and the report."""
     state = comfy.utils.load_torch_file(path, safe_load=True)
-    patches, report = unet_patches(model, state, path)
+    patches, report = unet_patches(model, state, path, allow_partial)
     patched = model.clone()
     patched.add_patches(patches, 1.0)
     return patched, report
 
 
-def apply_lora(model, clip, path: str, strength: float = 1.0):
-    """(MODEL, CLIP) clones with a LoRA applied by ComfyUI's loader; and a report of matched keys."""
-    lora = comfy.utils.load_torch_file(path, safe_load=True)
-    model_keys = len(model.patches)
-    clip_keys = len(clip.patcher.patches)
-    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, strength)
-    matched = (len(new_model.patches) - model_keys) + (len(new_clip.patcher.patches) - clip_keys)
-    if matched == 0:
-        raise WeightLayoutError(f"{os.path.basename(path)}: no LoRA key matched this model (wrong base model "
-                                "or not a LoRA file)")
-    return new_model, new_clip, WeightReport(path, "LoRA", matched, len(lora))
+@contextlib.contextmanager
+def comfy_warnings():
+    """The warnings and errors ComfyUI logs from this thread while the block runs: its LoRA code reports keys it
+    could not use and shapes it could not merge only in the log."""
+    messages, thread = [], threading.get_ident()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.thread == thread:
+                messages.append(record.getMessage())
+
+    root, handler = logging.getLogger(), Collect(logging.WARNING)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.WARNING))
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _split_lora_key(key: str) -> tuple[str, str]:
+    for suffix in LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key[:-len(suffix)], suffix
+    return key, ""
+
+
+def comfy_lora_names(lora: dict, key_map: dict) -> dict:
+    """{file key: name ComfyUI reads} for keys ComfyUI's key map lacks: diffusers/peft UNet LoRAs name modules
+    by their diffusers path (DUO: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora.down
+    .weight``), which ComfyUI only knows under kohya's spelling (``lora_unet_down_blocks_0_..._attn1_to_k``)."""
+    renamed = {}
+    for key in lora:
+        module, suffix = _split_lora_key(key)
+        if not suffix or module in key_map:
+            continue
+        for prefix in PEFT_UNET_PREFIXES:
+            kohya = "lora_unet_" + module[len(prefix):].replace(".", "_")
+            if module.startswith(prefix) and kohya in key_map:
+                renamed[key] = kohya + suffix
+                break
+    return renamed
+
+
+def peft_alphas(metadata: dict | None, lora: dict, renamed: dict) -> dict:
+    """``.alpha`` tensors from diffusers' ``lora_adapter_metadata`` (peft's LoraConfig, saved only when the
+    trainer passes it): ComfyUI reads the scale from ``.alpha`` and would otherwise assume lora_alpha = rank."""
+    config = json.loads((metadata or {}).get("lora_adapter_metadata", "{}"))
+    alphas = {}
+    for component in {k.split(".", 1)[0] for k in config}:
+        settings = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(component + ".")}
+        if settings.get("alpha_pattern") or settings.get("use_rslora") or settings.get("use_dora"):
+            raise WeightLayoutError(f"the LoRA's {component} config uses alpha_pattern, rsLoRA or DoRA, which "
+                                    "ComfyUI's loader cannot scale; merge it into the weights first")
+        if "lora_alpha" not in settings:
+            continue
+        for key in lora:
+            module, suffix = _split_lora_key(renamed.get(key, key))
+            if key.startswith(component + ".") and suffix in (".lora.down.weight", ".lora_A.weight"):
+                alphas[module + ".alpha"] = torch.tensor(float(settings["lora_alpha"]))
+    return alphas
+
+
+def _merge_errors(patcher, before: dict) -> list[str]:
+    """Shapes ComfyUI could not merge: its own weight calculation, run on meta tensors (free), for each new patch."""
+    errors = []
+    for key, patches in patcher.patches.items():
+        if len(patches) == len(before.get(key, ())):
+            continue
+        weight = comfy.utils.get_attr(patcher.model, key)
+        with comfy_warnings() as messages:
+            try:
+                comfy.lora.calculate_weight(patches, torch.empty_like(weight, device="meta"), key)
+            except RuntimeError as error:  # "set" patches raise instead of logging
+                messages.append(f"{key}: {error}")
+        errors += messages
+    return errors
+
+
+def apply_lora(model, clip, path: str, strength_model: float = 1.0, strength_clip: float | None = None,
+               allow_partial: bool = False):
+    """(MODEL, CLIP) clones with a LoRA applied by ComfyUI's own loader, after renaming the keys it lacks; and the
+    report. Raises WeightLayoutError when no tensor fits, a shape does not fit (another architecture), or some
+    tensors fit nothing and ``allow_partial`` is False."""
+    lora, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    lora = {k: v for k, v in lora.items() if torch.is_tensor(v)}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    renamed = comfy_lora_names(lora, key_map)
+    alphas = peft_alphas(metadata, lora, renamed)
+    converted = {renamed.get(k, k): v for k, v in lora.items()} | alphas
+    original = {new: old for old, new in renamed.items()}
+    with comfy_warnings() as messages:
+        new_model, new_clip = comfy.sd.load_lora_for_models(
+            model, clip, converted, strength_model, strength_model if strength_clip is None else strength_clip)
+    unmatched = sorted(original.get(m[len(NOT_LOADED):], m[len(NOT_LOADED):]) for m in messages
+                       if m.startswith(NOT_LOADED) and m[len(NOT_LOADED):] not in alphas)
+    name = os.path.basename(path)
+    if len(unmatched) == len(lora):
+        raise WeightLayoutError(f"{name}: none of its {len(lora)} tensors (e.g. {', '.join(sorted(lora)[:3])}) is a "
+                                "LoRA for this model (wrong base model, or not a LoRA: a UNet state dict goes into "
+                                "Load Unlearned Weights / --unet)")
+    errors = _merge_errors(new_model, model.patches) + _merge_errors(new_clip.patcher, clip.patcher.patches)
+    errors = sorted(errors + [m for m in messages if m.startswith(NOT_PATCHED)])
+    if errors:
+        raise WeightLayoutError(f"{name}: ComfyUI cannot merge {len(errors)} of its patches, e.g. {errors[0]}: the "
+                                "LoRA was made for a different architecture (e.g. an SD2 LoRA on an SD1 checkpoint)")
+    if unmatched and not allow_partial:
+        _refuse_partial(path, unmatched, len(lora), "this model's UNet or text encoder")
+    layout = "LoRA, diffusers/peft keys" if renamed else "LoRA"
+    return new_model, new_clip, WeightReport(path, layout, len(lora) - len(unmatched), len(lora), unmatched)
 
 
 def load_text_encoder(path: str, embedding_directory=None):
@@ -136,7 +271,7 @@ def load_text_encoder(path: str, embedding_directory=None):
 
 
 def load_unlearned_model(checkpoint: str, unet: str | None = None, loras=(), text_encoder: str | None = None,
-                         embedding_directory=None):
+                         embedding_directory=None, allow_partial: bool = False):
     """(MODEL, CLIP, VAE, [WeightReport]) for the CLI: base checkpoint, then each replacement in order."""
     model, clip, vae = load_checkpoint(checkpoint, embedding_directory)
     reports = []
@@ -144,9 +279,9 @@ def load_unlearned_model(checkpoint: str, unet: str | None = None, loras=(), tex
         clip = load_text_encoder(text_encoder, embedding_directory)
         reports.append(WeightReport(text_encoder, "text encoder", 1, 1))
     if unet:
-        model, report = apply_unet_weights(model, unet)
+        model, report = apply_unet_weights(model, unet, allow_partial)
         reports.append(report)
     for path, strength in loras:
-        model, clip, report = apply_lora(model, clip, path, strength)
+        model, clip, report = apply_lora(model, clip, path, strength, allow_partial=allow_partial)
         reports.append(report)
     return model, clip, vae, reports
