@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       ".safetensors) or a partial one (new ESD/UCE code), merged as patches")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                        help="LoRA to apply (SPM, DUO; kohya, diffusers/peft or any layout ComfyUI reads); repeatable")
-    model.add_argument("--text-encoder", help="replacement text encoder (AdvUnlearn): file or transformers folder")
+    model.add_argument("--text-encoder", help=("replacement text encoder (AdvUnlearn): a transformers save_pretrained "
+                                               "folder or its model.safetensors; every weight must be there"))
     model.add_argument("--allow-partial", action="store_true",
                        help="apply the tensors of a --unet / --lora file that fit and list the others, instead of "
                             "refusing a file that does not fit the checkpoint completely")

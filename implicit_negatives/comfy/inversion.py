@@ -82,6 +82,26 @@ def single_text_encoder(clip):
     return key, encoder, tokenizer
 
 
+OUTPUT_CHECK_PROMPT = "a photo of a person"
+
+
+def check_text_encoder_output(clip, source: str = "this CLIP") -> None:
+    """Refuse a text encoder whose conditioning for a fixed prompt is not finite, or is one vector at every
+    token position (zeroed or uninitialised weights carry no prompt). Raises TrainingSetupError."""
+    with torch.no_grad():
+        cond = clip.encode_from_tokens(clip.tokenize(OUTPUT_CHECK_PROMPT)).float()  # (1, 77, D)
+    broken = int((~torch.isfinite(cond)).sum())
+    if broken:
+        raise TrainingSetupError(
+            f"{source}: its conditioning for {OUTPUT_CHECK_PROMPT!r} has {broken} NaN/Inf values of {cond.numel()}: "
+            "the text encoder's weights are broken or were never loaded; load a complete text encoder")
+    spread = (cond - cond.mean(dim=1, keepdim=True)).abs().max()
+    if spread <= 1e-5 * cond.abs().max():
+        raise TrainingSetupError(
+            f"{source}: its conditioning for {OUTPUT_CHECK_PROMPT!r} is the same vector at every token position "
+            "(zeroed or uninitialised weights): it cannot carry a prompt; load a complete text encoder")
+
+
 def _has_inference_tensors(module: torch.nn.Module) -> bool:
     return any(t.is_inference() for t in list(module.parameters()) + list(module.buffers()))
 
@@ -142,6 +162,9 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
                      mixed_precision: bool = True):
     """Load MODEL and CLIP for training and yield ``TrainingModules``; restore everything on exit.
 
+    The CLIP must first encode a fixed prompt to finite, position-dependent conditioning
+    (``check_text_encoder_output``): a text encoder from any loader is checked before any step.
+
     copy_weights: "auto" (copy only when the loaded weights are inference tensors, i.e. inside
     ComfyUI's executor), "always" or "never". Weight patches (LoRAs, partial UNet weights) are
     applied by ComfyUI's loader before the copy, so the copy trains against the patched model.
@@ -151,6 +174,7 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
     if copy_weights not in ("auto", "always", "never"):
         raise ValueError(f"copy_weights must be auto, always or never, not {copy_weights!r}")
     token_key, encoder, tokenizer = single_text_encoder(clip)
+    check_text_encoder_output(clip)
     restore: list[Callable[[], None]] = []
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)

@@ -6,7 +6,8 @@
     UNet file (partial)      only the edited weights, diffusers keys (new ESD / UCE code)
     LoRA                     kohya (SPM), diffusers/peft (DUO: ``unet.<module>.lora.down.weight``) and every
                              other layout ComfyUI's LoRA loader reads
-    text encoder             a replaced CLIP text encoder (AdvUnlearn), single file or HF folder
+    text encoder             a replaced CLIP text encoder (AdvUnlearn), single file or HF folder, keys with or
+                             without transformers' "text_model." prefix; refused unless every weight is there
 
 UNet files become "set" patches and LoRAs ComfyUI's own LoRA patches, on clones: the base model's weights are
 never edited in place. Every file reports how many of its tensors were used; a file that does not fit the model
@@ -29,6 +30,8 @@ import comfy.lora
 import comfy.sd
 import comfy.utils
 
+from .inversion import check_text_encoder_output, single_text_encoder
+
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.")
 # Tensor names of one LoRA module, after its module name (kohya, diffusers, peft; ComfyUI reads them all).
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".lora.down.weight", ".lora.up.weight",
@@ -37,6 +40,12 @@ PEFT_UNET_PREFIXES = ("unet.", "base_model.model.", "")
 NOT_LOADED = "lora key not loaded: "  # ComfyUI's log lines: a file key it skipped, a patch no weight took
 NOT_PATCHED = "NOT LOADED "
 SHOWN = 8  # unmatched names listed in a message
+TEXT_MODEL_PREFIX = "text_model."
+# In ComfyUI's CLIP but not in transformers' CLIPTextModel: the projection, which SD1/SD2 UNets never read
+# (ComfyUI's own loader does not warn about it either).
+OPTIONAL_TEXT_ENCODER_KEYS = {"text_projection.weight"}
+# Saved by transformers < 4.31 (position_ids) and ComfyUI's CLIPSave (logit_scale); no weights of the encoder.
+IGNORED_TEXT_ENCODER_KEYS = {"text_model.embeddings.position_ids", "logit_scale"}
 
 
 class WeightLayoutError(ValueError):
@@ -79,7 +88,8 @@ def load_checkpoint(path: str, embedding_directory=None):
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         path, output_vae=True, output_clip=True, embedding_directory=embedding_directory)
     if clip is None:
-        raise WeightLayoutError(f"{os.path.basename(path)} has no text encoder; pass --text-encoder")
+        raise WeightLayoutError(f"{os.path.basename(path)} has no text encoder; use a checkpoint that includes one "
+                                "(--text-encoder replaces a checkpoint's encoder, it cannot add one)")
     return model, clip, vae
 
 
@@ -255,19 +265,67 @@ def apply_lora(model, clip, path: str, strength_model: float = 1.0, strength_cli
     return new_model, new_clip, WeightReport(path, layout, len(lora) - len(unmatched), len(lora), unmatched)
 
 
-def load_text_encoder(path: str, embedding_directory=None):
-    """A CLIP from a replaced text encoder: one file, or a transformers folder (AdvUnlearn)."""
-    if os.path.isdir(path):
-        names = ("model.safetensors", "pytorch_model.bin")
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        found += [os.path.join(path, "text_encoder", n) for n in names
-                  if os.path.isfile(os.path.join(path, "text_encoder", n))]
-        if not found:
-            raise WeightLayoutError(f"{path} holds no model.safetensors or pytorch_model.bin")
-        path = found[0]
-    clip = comfy.sd.load_clip([path], embedding_directory=embedding_directory,
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
-    return clip
+def text_encoder_file(path: str) -> str:
+    """The weights file of a replaced text encoder: ``path`` itself, or the one inside a transformers folder
+    (``save_pretrained``) or a diffusers pipeline folder (``text_encoder/``)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Text encoder not found: {path}")
+        return path
+    names = ("model.safetensors", "pytorch_model.bin")
+    found = [os.path.join(path, sub, n) for sub in ("", "text_encoder") for n in names
+             if os.path.isfile(os.path.join(path, sub, n))]
+    if not found:
+        raise WeightLayoutError(f"{path} holds no model.safetensors or pytorch_model.bin (nor text_encoder/ with one)")
+    return found[0]
+
+
+def text_encoder_state(clip, state: dict, path: str = "text encoder") -> tuple[dict, WeightReport]:
+    """``state`` (a transformers CLIPTextModel) under ComfyUI's key names, checked against ``clip``'s encoder.
+
+    transformers 4.x, CLIPTextModelWithProjection and ComfyUI's CLIPSave write ``text_model.encoder...`` keys;
+    transformers 5's CLIPTextModel writes them without the ``text_model.`` prefix. Raises WeightLayoutError
+    when a tensor has another shape (another model family) or any key is missing or unexpected (named as
+    the file spells them): ComfyUI's loader would run missing weights uninitialised, with only a warning.
+    """
+    prefixed = any(key.startswith(TEXT_MODEL_PREFIX) for key in state)
+    state = dict(state) if prefixed else {TEXT_MODEL_PREFIX + key: value for key, value in state.items()}
+    spelled = (lambda key: key) if prefixed else (lambda key: key.removeprefix(TEXT_MODEL_PREFIX))
+    layout = f"text encoder, {'text_model.* keys' if prefixed else 'keys without text_model.'}"
+    encoder_state = single_text_encoder(clip)[1].transformer.state_dict()
+    name = os.path.basename(path)
+    for key in sorted(set(state) & set(encoder_state)):
+        if tuple(state[key].shape) != tuple(encoder_state[key].shape):
+            raise WeightLayoutError(
+                f"{name}: {spelled(key)} has shape {tuple(state[key].shape)} but this checkpoint's text encoder has "
+                f"{tuple(encoder_state[key].shape)}: a text encoder for another model family (e.g. SD2's OpenCLIP-H "
+                "for an SD1 checkpoint); use the text encoder of this model's family")
+    required = set(encoder_state) - OPTIONAL_TEXT_ENCODER_KEYS
+    missing = required - set(state)
+    unexpected = set(state) - set(encoder_state) - IGNORED_TEXT_ENCODER_KEYS
+    if missing or unexpected:
+        raise WeightLayoutError(
+            f"{name}: {len(required) - len(missing)} of the {len(required)} weights of this checkpoint's text "
+            f"encoder are in the file ({layout}); missing: {_listing(sorted(map(spelled, missing))) or 'none'}; "
+            f"unexpected: {_listing(sorted(map(spelled, unexpected))) or 'none'}. Refusing to run a partly "
+            "initialised text encoder (--allow-partial does not apply): pass a complete CLIPTextModel of this "
+            "model's family as transformers' save_pretrained writes it (the folder or its model.safetensors)")
+    return state, WeightReport(path, layout, len(set(state) & set(encoder_state)), len(state))
+
+
+def replace_text_encoder(clip, path: str, embedding_directory=None):
+    """(CLIP, report): ``clip``'s text encoder replaced by the one in ``path`` (AdvUnlearn), loaded by ComfyUI.
+
+    ``path``: a file or a transformers / diffusers folder, in a layout ``text_encoder_state`` accepts.
+    Every key must match ``clip``'s encoder and the result must encode a fixed prompt to finite,
+    position-dependent conditioning; otherwise WeightLayoutError / TrainingSetupError.
+    """
+    file = text_encoder_file(path)
+    state, report = text_encoder_state(clip, comfy.utils.load_torch_file(file, safe_load=True), file)
+    replaced = comfy.sd.load_text_encoder_state_dicts([state], embedding_directory=embedding_directory,
+                                                      clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    check_text_encoder_output(replaced, os.path.basename(file))
+    return replaced, report
 
 
 def load_unlearned_model(checkpoint: str, unet: str | None = None, loras=(), text_encoder: str | None = None,
@@ -276,8 +334,8 @@ def load_unlearned_model(checkpoint: str, unet: str | None = None, loras=(), tex
     model, clip, vae = load_checkpoint(checkpoint, embedding_directory)
     reports = []
     if text_encoder:
-        clip = load_text_encoder(text_encoder, embedding_directory)
-        reports.append(WeightReport(text_encoder, "text encoder", 1, 1))
+        clip, report = replace_text_encoder(clip, text_encoder, embedding_directory)
+        reports.append(report)
     if unet:
         model, report = apply_unet_weights(model, unet, allow_partial)
         reports.append(report)
