@@ -7,11 +7,11 @@ from .sld_nodes import SafeLatentGuidance
 from .safree_nodes import SafreeConditioning, SafreeLatentReAttention
 from .score_nodes import SafetyScore
 from .train_nodes import TrainImplicitNegative
-from .weights_nodes import LoadUnlearnedLoRA, LoadUnlearnedWeights
+from .weights_nodes import LoadUnlearnedLoRA, LoadUnlearnedTextEncoder, LoadUnlearnedWeights
 
 
 class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
         return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafreeConditioning,
                 SafreeLatentReAttention, TrainImplicitNegative, SafetyScore, LoadUnlearnedWeights,
-                LoadUnlearnedLoRA]
+                LoadUnlearnedLoRA, LoadUnlearnedTextEncoder]

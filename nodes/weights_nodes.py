@@ -1,4 +1,5 @@
-"""LoadUnlearnedWeights and LoadUnlearnedLoRA: an unlearned model's published weights -> patched MODEL (+ CLIP).
+"""LoadUnlearnedWeights, LoadUnlearnedLoRA, LoadUnlearnedTextEncoder: an unlearned model's published weights ->
+patched MODEL (+ CLIP), or a CLIP with the replaced text encoder.
 
 The file layouts and their checks live in ``implicit_negatives.comfy.weights`` (shared with the trainer and the
 evaluation runner). Node IDs, input names and input order are public API: append new inputs at the end.
@@ -11,7 +12,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from implicit_negatives.comfy.weights import apply_lora, apply_unet_weights
+from implicit_negatives.comfy.weights import apply_lora, apply_unet_weights, replace_text_encoder
 
 ALLOW_PARTIAL_TOOLTIP = ("Off: a file with tensors that fit nothing in this model is an error (listing them). On: "
                          "apply the tensors that fit and list the others in the report.")
@@ -98,3 +99,40 @@ class LoadUnlearnedLoRA(io.ComfyNode):
         new_model, new_clip, report = apply_lora(model, clip, path, strength_model, strength_clip, allow_partial)
         text = report.describe()
         return io.NodeOutput(new_model, new_clip, text, ui={"text": [text]})
+
+
+class LoadUnlearnedTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadUnlearnedTextEncoder",
+            display_name="Load Unlearned Text Encoder",
+            category="loaders/unlearned models",
+            description=("Replaces the CLIP's text encoder with an unlearned one (AdvUnlearn's transformers "
+                         "CLIPTextModel), with or without transformers' text_model. key prefix. Every weight must "
+                         "be in the file and a test prompt must encode to usable conditioning; otherwise an error "
+                         "naming the missing keys, where the stock Load CLIP runs missing weights uninitialised."),
+            inputs=[
+                io.Clip.Input("clip", tooltip=("The base model's CLIP (e.g. SD1.4's): its encoder is the reference "
+                                               "every key and shape of the file is checked against.")),
+                io.Combo.Input("text_encoder_name", options=folder_paths.get_filename_list("text_encoders"),
+                               tooltip=("File in models/text_encoders (or models/clip), e.g. AdvUnlearn's "
+                                        "model.safetensors.")),
+            ],
+            outputs=[
+                io.Clip.Output(tooltip="A new CLIP with the file's text encoder; the input CLIP is unchanged."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="The file's layout and 'N/M tensors used'. Connect to Preview Any to read."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, clip, text_encoder_name):
+        return file_fingerprint("text_encoders", text_encoder_name)
+
+    @classmethod
+    def execute(cls, clip, text_encoder_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
+        replaced, report = replace_text_encoder(clip, path, folder_paths.get_folder_paths("embeddings"))
+        text = report.describe()
+        return io.NodeOutput(replaced, text, ui={"text": [text]})

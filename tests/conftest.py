@@ -63,6 +63,19 @@ def tiny_sd15(comfy, embeddings_dir, tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def saved_text_encoders(comfy, tiny_sd15, tmp_path_factory):
+    """AdvUnlearn-style text encoders of the tiny checkpoint's CLIP-L, saved by the installed transformers in both
+    layouts it writes, and the reference (transformers' CLIPTextModel): ({layout: folder}, reference)."""
+    from safetensors import safe_open
+    import unlearned_layouts
+    folders, reference = unlearned_layouts.advunlearn_text_encoders(tiny_sd15[1], tmp_path_factory.mktemp("te"))
+    for layout, folder in folders.items():
+        keys = list(safe_open(str(folder / "model.safetensors"), "pt").keys())
+        assert all(k.startswith("text_model.") == (layout == "text_model.") for k in keys) and len(keys) == 196
+    return folders, reference
+
+
+@pytest.fixture(scope="session")
 def pack_module(pack):
     """The pack's root package as ComfyUI imported it; reach node modules with
     ``importlib.import_module(pack_module.__name__ + ".nodes.sld_nodes")``."""

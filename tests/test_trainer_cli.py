@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import unlearned_layouts as layouts
 from implicit_negatives.embedding_io import load_embedding
 from implicit_negatives.inversion import load_state
 
@@ -201,67 +201,28 @@ def test_cli_generates_its_data_from_a_reference_model(cli, tiny_checkpoint, tmp
         cli.main(["--checkpoint", checkpoint, "--output", str(tmp_path / "x.safetensors")])
 
 
-def clip_l_state(clip) -> dict:
-    """The tiny checkpoint's CLIP-L under ``text_model.*`` keys, as transformers 4.x saved CLIPTextModel."""
-    prefix = "clip_l.transformer."
-    return {k[len(prefix):]: v.contiguous() for k, v in clip.get_sd().items() if k.startswith(prefix + "text_model.")}
-
-
-@pytest.fixture(scope="module")
-def saved_text_encoders(comfy, tiny_sd15, tmp_path_factory):
-    """The tiny checkpoint's CLIP-L loaded into transformers' CLIPTextModel (the reference encoder, float32),
-    and that model saved by the installed transformers' ``save_pretrained`` in both layouts it writes:
-    ({"text_model.": folder, "no prefix": folder}, reference)."""
-    import shutil
-    import comfy.sd1_clip
-    import transformers
-    root = tmp_path_factory.mktemp("text_encoders")
-    legacy = root / "transformers4"
-    legacy.mkdir()
-    save_file(clip_l_state(tiny_sd15[1]), str(legacy / "model.safetensors"))
-    shutil.copy(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json"), legacy / "config.json")
-    loaded = transformers.CLIPTextModel.from_pretrained(str(legacy), dtype=torch.float16)
-    loaded.save_pretrained(str(root / "prefixed"))  # transformers puts back the prefix it removed on loading
-    with torch.device("meta"):
-        built = transformers.CLIPTextModel(loaded.config)
-    built.load_state_dict(loaded.state_dict(), assign=True)
-    built.save_pretrained(str(root / "plain"))  # a model built in memory is saved under its own (unprefixed) names
-    folders = {"text_model.": root / "prefixed", "no prefix": root / "plain"}
-    for layout, folder in folders.items():
-        keys = list(safe_open(str(folder / "model.safetensors"), "pt").keys())
-        assert all(k.startswith("text_model.") == (layout == "text_model.") for k in keys) and len(keys) == 196
-    return folders, loaded.float().eval()
-
-
 @pytest.mark.parametrize("layout", ["text_model.", "no prefix"])
 def test_replaced_text_encoder_in_either_transformers_layout_encodes_as_the_reference(
-        weights, comfy, tiny_sd15, saved_text_encoders, layout):
+        weights, tiny_sd15, saved_text_encoders, layout):
     """AdvUnlearn ships a transformers CLIPTextModel folder: ComfyUI's conditioning from it equals transformers'."""
     folders, reference = saved_text_encoders
     clip = tiny_sd15[1]
     replaced, report = weights.replace_text_encoder(clip, str(folders[layout]))
     assert replaced is not clip and (report.matched, report.total) == (196, 196)
     assert "196/196 tensors used" in report.describe()
-    (cond, extra), = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode(replaced, "a photo of a cat")[0]
-    ids = torch.tensor([[token for token, _ in replaced.tokenize("a photo of a cat")["l"][0]]])
-    with torch.no_grad():
-        expected = reference(input_ids=ids)
-    assert (cond - expected.last_hidden_state).abs().max() < 1e-4
-    assert (extra["pooled_output"] - expected.pooler_output).abs().max() < 1e-4
+    layouts.assert_encodes_as(replaced, reference)
 
 
 def test_incomplete_or_foreign_text_encoders_are_refused_naming_the_keys(weights, tiny_sd15, saved_text_encoders,
                                                                            tmp_path):
     clip = tiny_sd15[1]
-    state = load_file(str(saved_text_encoders[0]["no prefix"] / "model.safetensors"))
-    cut = sorted(k for k in state if k.startswith("encoder.layers.11.mlp."))
-    save_file({k: v for k, v in state.items() if k not in cut}, str(tmp_path / "truncated.safetensors"))
+    cut = layouts.truncated_text_encoder(saved_text_encoders[0]["no prefix"], str(tmp_path / "truncated.safetensors"))
     with pytest.raises(weights.WeightLayoutError, match=r"192 of the 196 weights of this checkpoint's text encoder") as refused:
         weights.replace_text_encoder(clip, str(tmp_path / "truncated.safetensors"))
     assert len(cut) == 4 and all(k in str(refused.value) for k in cut) and "unexpected: none" in str(refused.value)
     extra = {"text_model.vision_model.post_layernorm.weight": torch.ones(768)}
     with pytest.raises(weights.WeightLayoutError, match=r"196 of the 196 .* unexpected: text_model.vision_model"):
-        weights.text_encoder_state(clip, {**clip_l_state(clip), **extra}, "with_vision.safetensors")
+        weights.text_encoder_state(clip, {**layouts.clip_l_state(clip), **extra}, "with_vision.safetensors")
     with pytest.raises(weights.WeightLayoutError, match=r"another model family"):
         weights.text_encoder_state(clip, {"text_model.embeddings.position_embedding.weight": torch.zeros(77, 1024)})
     with pytest.raises(weights.WeightLayoutError, match="holds no model.safetensors"):

@@ -34,10 +34,10 @@ def weights(comfy):
 
 @pytest.fixture(scope="module")
 def folders(comfy, tmp_path_factory):
-    """Fresh models/diffusion_models and models/loras folders, registered with ComfyUI."""
+    """Fresh models/diffusion_models, models/loras and models/text_encoders folders, registered with ComfyUI."""
     import folder_paths
     found = {}
-    for kind in ("diffusion_models", "loras"):
+    for kind in ("diffusion_models", "loras", "text_encoders"):
         found[kind] = tmp_path_factory.mktemp(kind)
         folder_paths.add_model_folder_path(kind, str(found[kind]), is_default=True)
     return found
@@ -236,6 +236,53 @@ def test_unrelated_files_are_errors_that_name_the_right_loader(pack, weights, ti
         with pytest.raises(weights.WeightLayoutError, match="none of its 122 tensors .*a UNet state dict goes into "
                                                             "Load Unlearned Weights"):
             lora_node.execute(model, clip, "unet.safetensors", 1.0, 1.0, allow_partial)
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+@pytest.fixture(scope="module")
+def text_encoder_names(comfy, saved_text_encoders, folders):
+    """{layout: the name Load Unlearned Text Encoder lists} for the transformers-saved encoders."""
+    import shutil
+    names = {}
+    for layout, folder in saved_text_encoders[0].items():
+        shutil.copytree(folder, folders["text_encoders"] / folder.name)
+        names[layout] = f"{folder.name}/model.safetensors"
+    return names
+
+
+@pytest.mark.parametrize("layout", ["text_model.", "no prefix"])
+def test_advunlearn_text_encoder_node_encodes_as_the_reference(comfy, pack, tiny_sd15, saved_text_encoders,
+                                                               text_encoder_names, layout):
+    """Either layout transformers writes; a stock Load CLIP runs the unprefixed one uninitialised (NaN)."""
+    clip = tiny_sd15[1]
+    encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
+    before = encode(clip, "a photo of a cat")[0][0][0]
+    node = pack["LoadUnlearnedTextEncoder"].execute(clip, text_encoder_names[layout])
+    replaced, report = node.result
+    keys = "text_model.* keys" if layout == "text_model." else "keys without text_model."
+    assert report == f"model.safetensors: text encoder, {keys}, 196/196 tensors used" and node.ui["text"] == [report]
+    layouts.assert_encodes_as(replaced, saved_text_encoders[1])
+    assert replaced is not clip and torch.equal(encode(clip, "a photo of a cat")[0][0][0], before)
+    last_layer = clip.clone()
+    last_layer.clip_layer(-2)  # Set CLIP Last Layer before the node is kept
+    penultimate = pack["LoadUnlearnedTextEncoder"].execute(last_layer, text_encoder_names[layout]).result[0]
+    assert (encode(penultimate, "a photo")[0][0][0] - encode(last_layer, "a photo")[0][0][0]).abs().max() < 1e-2
+
+
+def test_text_encoder_node_refuses_a_truncated_file_or_a_patched_clip(pack, weights, tiny_sd15, saved_text_encoders,
+                                                                     text_encoder_names, folders):
+    model, clip, _ = tiny_sd15
+    cut = layouts.truncated_text_encoder(saved_text_encoders[0]["no prefix"],
+                                         str(folders["text_encoders"] / "truncated.safetensors"))
+    with pytest.raises(weights.WeightLayoutError, match=r"truncated.safetensors: 192 of the 196 weights") as refused:
+        pack["LoadUnlearnedTextEncoder"].execute(clip, "truncated.safetensors")
+    assert len(cut) == 4 and all(key in str(refused.value) for key in cut)
+    layouts.spm_lora(layouts.diffusers_unet(model), str(folders["loras"] / "spm-te.safetensors"), text_encoder_layers=1)
+    _, with_lora, _ = pack["LoadUnlearnedLoRA"].execute(model, clip, "spm-te.safetensors", 1.0, 1.0, False).result
+    with pytest.raises(weights.WeightLayoutError, match="4 weight patches .* load the text encoder first, then the"):
+        pack["LoadUnlearnedTextEncoder"].execute(with_lora, text_encoder_names["text_model."])
 
 
 # --------------------------------------------------------------------------- trainer and evaluation runner

@@ -1,5 +1,6 @@
 """Unlearned-weight files in the layouts erasure methods publish, written by each method's own saving code path
-on diffusers' UNet2DConditionModel shaped like the rig's tiny SD1.5 UNet (weights: the tiny checkpoint's).
+on diffusers' UNet2DConditionModel shaped like the rig's tiny SD1.5 UNet (weights: the tiny checkpoint's), and
+AdvUnlearn's text encoder as transformers' CLIPTextModel saves it (weights: the tiny checkpoint's CLIP-L).
 
 The method code is not vendored: each writer repeats the few lines of the method's repository that choose the
 tensors and save them (cited per function), with diffusers and peft doing the naming, as in the originals.
@@ -128,3 +129,50 @@ def mace_pipeline_unet(unet, folder: str) -> str:
     ``unet/diffusion_pytorch_model.safetensors``, the whole UNet under diffusers names."""
     unet.save_pretrained(os.path.join(folder, "unet"))
     return os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+
+
+def clip_l_state(clip) -> dict:
+    """The tiny checkpoint's CLIP-L under ``text_model.*`` keys, as transformers 4.x saved CLIPTextModel."""
+    prefix = "clip_l.transformer."
+    return {k[len(prefix):]: v.contiguous() for k, v in clip.get_sd().items() if k.startswith(prefix + "text_model.")}
+
+
+def advunlearn_text_encoders(clip, root) -> tuple[dict, torch.nn.Module]:
+    """AdvUnlearn's text encoder (OPTML-Group/AdvUnlearn: a transformers CLIPTextModel folder): ``clip``'s CLIP-L
+    loaded into the installed transformers' CLIPTextModel (the reference encoder, returned in float32) and saved
+    by its ``save_pretrained`` in both layouts it writes, under ``root`` (a pathlib.Path):
+    ({"text_model.": folder, "no prefix": folder}, reference)."""
+    import shutil
+    import comfy.sd1_clip
+    import transformers
+    legacy = root / "transformers4"
+    legacy.mkdir()
+    save_file(clip_l_state(clip), str(legacy / "model.safetensors"))
+    shutil.copy(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json"), legacy / "config.json")
+    loaded = transformers.CLIPTextModel.from_pretrained(str(legacy), dtype=torch.float16)
+    loaded.save_pretrained(str(root / "prefixed"))  # transformers puts back the prefix it removed on loading
+    with torch.device("meta"):
+        built = transformers.CLIPTextModel(loaded.config)
+    built.load_state_dict(loaded.state_dict(), assign=True)
+    built.save_pretrained(str(root / "plain"))  # a model built in memory is saved under its own (unprefixed) names
+    return {"text_model.": root / "prefixed", "no prefix": root / "plain"}, loaded.float().eval()
+
+
+def truncated_text_encoder(folder, path: str) -> list[str]:
+    """``folder``'s model.safetensors without the last layer's MLP (an interrupted download); the cut keys."""
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    cut = sorted(k for k in state if k.removeprefix("text_model.").startswith("encoder.layers.11.mlp."))
+    save_file({k: v for k, v in state.items() if k not in cut}, path)
+    return cut
+
+
+def assert_encodes_as(clip, reference, text: str = "a photo of a cat") -> None:
+    """ComfyUI's CLIPTextEncode conditioning (and pooled output) from ``clip`` equals transformers' ``reference``."""
+    import nodes
+    (cond, extra), = nodes.CLIPTextEncode().encode(clip, text)[0]
+    ids = torch.tensor([[token for token, _ in clip.tokenize(text)["l"][0]]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids)
+    assert (cond - expected.last_hidden_state).abs().max() < 1e-4
+    assert (extra["pooled_output"] - expected.pooler_output).abs().max() < 1e-4

@@ -318,12 +318,20 @@ def replace_text_encoder(clip, path: str, embedding_directory=None):
 
     ``path``: a file or a transformers / diffusers folder, in a layout ``text_encoder_state`` accepts.
     Every key must match ``clip``'s encoder and the result must encode a fixed prompt to finite,
-    position-dependent conditioning; otherwise WeightLayoutError / TrainingSetupError.
+    position-dependent conditioning; otherwise WeightLayoutError / TrainingSetupError. The result is a new CLIP
+    (``clip`` is only read) with ``clip``'s last-layer setting; patches on ``clip`` (a LoRA) are refused, since
+    the new encoder would drop them.
     """
+    if clip.patcher.patches:
+        raise WeightLayoutError(
+            f"this CLIP carries {len(clip.patcher.patches)} weight patches (a LoRA applied before): replacing its "
+            "text encoder would drop them; load the text encoder first, then the LoRA")
     file = text_encoder_file(path)
     state, report = text_encoder_state(clip, comfy.utils.load_torch_file(file, safe_load=True), file)
     replaced = comfy.sd.load_text_encoder_state_dicts([state], embedding_directory=embedding_directory,
                                                       clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    if clip.layer_idx is not None:  # Set CLIP Last Layer before this
+        replaced.clip_layer(clip.layer_idx)
     check_text_encoder_output(replaced, os.path.basename(file))
     return replaced, report
 
