@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .protocol import (LORA_NODE, SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, UNET_NODE, NegativeSource,
-                       PromptRecord, Row, RunConfig)
+from .protocol import (LORA_NODE, SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, UNET_NODE,
+                       NegativeSource, PromptRecord, Row, RunConfig)
 
 Resolve = Callable[[str, str], str]
 SAVE_NODE = "save"
@@ -32,10 +32,9 @@ def _model_nodes(config: RunConfig, row: Row, resolve: Resolve) -> tuple[dict, l
                          "inputs": {"model": model, "unet_name": resolve("diffusion_models", setup.unet),
                                     "allow_partial": False}}
         model = ["unet", 0]
-    if setup.text_encoder:
-        graph["te"] = {"class_type": "CLIPLoader",
-                       "inputs": {"clip_name": resolve("text_encoders", setup.text_encoder),
-                                  "type": "stable_diffusion"}}
+    if setup.text_encoder:  # every weight checked against the checkpoint's encoder, either transformers layout
+        graph["te"] = {"class_type": TEXT_ENCODER_NODE,
+                       "inputs": {"clip": clip, "text_encoder_name": resolve("text_encoders", setup.text_encoder)}}
         clip = ["te", 0]
     if setup.lora:
         graph["lora"] = {"class_type": LORA_NODE,

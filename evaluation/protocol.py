@@ -28,6 +28,7 @@ SAFREE_NODE = "SafreeConditioning"
 SAFREE_REATTENTION_NODE = "SafreeLatentReAttention"
 UNET_NODE = "LoadUnlearnedWeights"
 LORA_NODE = "LoadUnlearnedLoRA"
+TEXT_ENCODER_NODE = "LoadUnlearnedTextEncoder"
 
 
 class ConfigError(ValueError):
@@ -48,7 +49,7 @@ class ModelSetup:
     name: str
     checkpoint: str
     unet: str = ""            # LoadUnlearnedWeights file merged into the checkpoint's UNet (ESD/UCE/RECE/MACE)
-    text_encoder: str = ""    # CLIPLoader file replacing the checkpoint's text encoder (AdvUnlearn)
+    text_encoder: str = ""    # LoadUnlearnedTextEncoder file replacing the checkpoint's encoder (AdvUnlearn)
     lora: str = ""            # LoadUnlearnedLoRA file (DUO, SPM)
     lora_strength: float = 1.0
 

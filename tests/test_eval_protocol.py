@@ -184,7 +184,9 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     assert esd["unet"] == {"class_type": "LoadUnlearnedWeights",  # merged onto the checkpoint's UNet
                            "inputs": {"model": ["ckpt", 0], "unet_name": "diffusers-nudity-ESDu1-UNET.pt",
                                       "allow_partial": False}}
-    assert esd["te"]["inputs"]["clip_name"] == "advunlearn_te.safetensors" and esd["pos"]["inputs"]["clip"] == ["te", 0]
+    assert esd["te"] == {"class_type": "LoadUnlearnedTextEncoder",  # every weight checked, unlike CLIPLoader
+                         "inputs": {"clip": ["ckpt", 1], "text_encoder_name": "advunlearn_te.safetensors"}}
+    assert esd["pos"]["inputs"]["clip"] == ["te", 0]
     assert esd["patch"]["inputs"] == {"model": ["unet", 0], "concept": ["neg", 0], "strength": 2.0}
 
 

@@ -304,8 +304,9 @@ def test_trainer_lora_flag_applies_duo_and_refuses_a_partial_fit(weights, tiny_c
 
 
 def test_evaluation_graphs_load_unlearned_weights_with_the_same_nodes(comfy, pack, tiny_sd15, tiny_checkpoint, folders,
-                                                                    tmp_path):
-    """A [models.*] table with unet + lora runs in ComfyUI's executor through the pack's loader nodes."""
+                                                                    text_encoder_names, tmp_path):
+    """[models.*] tables with unet + lora, and with a text_encoder (transformers 5 layout: the stock CLIPLoader
+    runs it uninitialised), run in ComfyUI's executor through the pack's loader nodes."""
     import folder_paths
     from evaluation import graphs, protocol
     model = tiny_sd15[0]
@@ -324,20 +325,30 @@ checkpoint = "{tiny_checkpoint[1]}"
 checkpoint = "{tiny_checkpoint[1]}"
 unet = "eval-esd.safetensors"
 lora = "eval-duo/pytorch_lora_weights.safetensors"
+[models.advunlearn]
+checkpoint = "{tiny_checkpoint[1]}"
+text_encoder = "{text_encoder_names["no prefix"]}"
 [[rows]]
 name = "base"
 model = "base"
 [[rows]]
 name = "unlearned"
 model = "unlearned"
+[[rows]]
+name = "advunlearn"
+model = "advunlearn"
 """)
     config = protocol.load_config(str(tmp_path / "c.toml"))
-    runner, pixels = headless.GraphRunner(), {}
+    runner, pixels, built = headless.GraphRunner(), {}, {}
     for row in config.rows:
-        graph = graphs.build_item_graph(config, row, protocol.PromptRecord(0, "a photo", 1, 7.5), lambda f, v: v,
-                                        f"eval-{row.slug}")
-        image = runner.run(graph)[graphs.SAVE_NODE]["images"][0]
+        built[row.name] = graphs.build_item_graph(config, row, protocol.PromptRecord(0, "a photo", 1, 7.5),
+                                                  lambda f, v: v, f"eval-{row.slug}")
+        image = runner.run(built[row.name])[graphs.SAVE_NODE]["images"][0]
         pixels[row.name] = np.asarray(Image.open(os.path.join(folder_paths.get_output_directory(), image["subfolder"],
-                                                              image["filename"])))
-    assert graph["unet"]["class_type"] == "LoadUnlearnedWeights" and graph["lora"]["class_type"] == "LoadUnlearnedLoRA"
-    assert np.abs(pixels["base"].astype(int) - pixels["unlearned"]).max() > 0
+                                                              image["filename"]))).astype(int)
+    unlearned = built["unlearned"]
+    assert unlearned["unet"]["class_type"] == "LoadUnlearnedWeights"
+    assert unlearned["lora"]["class_type"] == "LoadUnlearnedLoRA"
+    assert np.abs(pixels["base"] - pixels["unlearned"]).max() > 0
+    assert built["advunlearn"]["te"]["class_type"] == "LoadUnlearnedTextEncoder"
+    assert np.array_equal(pixels["base"], pixels["advunlearn"])  # the file holds the checkpoint's own CLIP-L
