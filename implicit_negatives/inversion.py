@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .atomic_write import atomic_path
+from .loss_scale import LossScale, unscale_gradient, update_loss_scale
 
 # --------------------------------------------------------------------------- configuration
 
@@ -146,7 +147,8 @@ class InversionProgress:
     """What ``on_step`` receives after each optimiser step.
 
     step: number of completed steps (1-based); loss: that step's loss; vectors: (N, D) detached copy;
-    state: a resume state for exactly this point (see ``save_state`` / ``load_state``).
+    state: a resume state for exactly this point (see ``save_state`` / ``load_state``);
+    loss_scale: the loss scaling state after this step (None without loss scaling).
     """
 
     step: int
@@ -154,16 +156,19 @@ class InversionProgress:
     loss: float
     vectors: torch.Tensor
     state: dict
+    loss_scale: Optional[LossScale] = None
 
 
 @dataclass
 class InversionResult:
-    """vectors: (N, D) float32, detached, on the device of ``init_vectors``; losses: one per step run."""
+    """vectors: (N, D) float32, detached, on the device of ``init_vectors``; losses: one per step run;
+    loss_scale: the final loss scaling state (scale, skipped steps), None without loss scaling."""
 
     vectors: torch.Tensor
     losses: list[float]
     steps_done: int
     state: dict = field(repr=False, default_factory=dict)
+    loss_scale: Optional[LossScale] = None
 
 
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -171,7 +176,7 @@ LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 def invert_concept(loss_fn: LossFn, init_vectors: torch.Tensor, config: InversionConfig,
                    on_step: Optional[Callable[[InversionProgress], None]] = None,
-                   state: Optional[dict] = None) -> InversionResult:
+                   state: Optional[dict] = None, loss_scale: Optional[LossScale] = None) -> InversionResult:
     """Optimise token vectors with Adam so that ``loss_fn`` falls; everything else stays frozen.
 
     loss_fn(vectors, step) -> scalar loss. ``vectors`` is the (N, D) float32 leaf being trained
@@ -182,7 +187,11 @@ def invert_concept(loss_fn: LossFn, init_vectors: torch.Tensor, config: Inversio
     on_step: called after every step with an ``InversionProgress``; raise from it to stop
         (ComfyUI's interrupt, KeyboardInterrupt): the last progress' state resumes exactly.
     state: a state from a previous ``InversionProgress.state`` / ``InversionResult.state``;
-        training continues from its step, vectors, optimiser moments and losses.
+        training continues from its step, vectors, optimiser moments, losses and loss scale.
+    loss_scale: dynamic loss scaling for a float16 backward (``loss_scale.LossScale``, GradScaler's
+        rule): the loss is multiplied by the scale, the gradient unscaled in float32 before clipping
+        and Adam; a step whose scaled gradient is inf/NaN is skipped (the vectors and Adam's moments
+        stay as they were) and the scale lowered. None: no scaling, and an inf/NaN gradient is an error.
 
     Gradients are taken with ``torch.autograd.grad`` with respect to the vectors only, so no
     ``.grad`` is ever written into the model's parameters.
@@ -195,7 +204,7 @@ def invert_concept(loss_fn: LossFn, init_vectors: torch.Tensor, config: Inversio
     losses: list[float] = []
     start = 0
     if state is not None:
-        start, losses = _restore(state, vectors, optimizer, config)
+        start, losses, loss_scale = _restore(state, vectors, optimizer, config, loss_scale)
 
     for step in range(start, config.steps):
         loss = loss_fn(vectors, step)
@@ -206,20 +215,31 @@ def invert_concept(loss_fn: LossFn, init_vectors: torch.Tensor, config: Inversio
             raise FloatingPointError(
                 f"Loss became {loss_value} at step {step}; lower the learning rate or use float32 "
                 "(the vectors are untouched by this step).")
-        (grad,) = torch.autograd.grad(loss, [vectors])
-        if config.max_grad_norm is not None:
-            grad = grad * torch.clamp(config.max_grad_norm / (grad.norm() + 1e-12), max=1.0)
-        vectors.grad = grad
-        optimizer.step()
-        vectors.grad = None
+        scale = 1.0 if loss_scale is None else loss_scale.scale
+        (grad,) = torch.autograd.grad(loss * scale, [vectors])
+        grad, finite = unscale_gradient(grad, scale)
+        if finite:
+            if config.max_grad_norm is not None:
+                grad = grad * torch.clamp(config.max_grad_norm / (grad.norm() + 1e-12), max=1.0)
+            vectors.grad = grad
+            optimizer.step()
+            vectors.grad = None
+        elif loss_scale is None:
+            raise FloatingPointError(
+                f"The gradient became inf/NaN at step {step} (the loss was {loss_value}); train in float32, "
+                "or in float16 with loss scaling (the vectors are untouched by this step).")
+        if loss_scale is not None:
+            loss_scale = update_loss_scale(loss_scale, finite)
         losses.append(loss_value)
         if on_step is not None:
             on_step(InversionProgress(step=step + 1, total_steps=config.steps, loss=loss_value,
                                       vectors=vectors.detach().clone(),
-                                      state=_capture(step + 1, vectors, optimizer, losses, config)))
+                                      state=_capture(step + 1, vectors, optimizer, losses, config, loss_scale),
+                                      loss_scale=loss_scale))
 
     return InversionResult(vectors=vectors.detach().clone(), losses=losses, steps_done=config.steps,
-                           state=_capture(config.steps, vectors, optimizer, losses, config))
+                           state=_capture(config.steps, vectors, optimizer, losses, config, loss_scale),
+                           loss_scale=loss_scale)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -228,7 +248,7 @@ STATE_FORMAT = "implicit-negatives-inversion-state/1"
 
 
 def _capture(step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer, losses: list[float],
-             config: InversionConfig) -> dict:
+             config: InversionConfig, loss_scale: Optional[LossScale]) -> dict:
     """A self-contained snapshot: tensors cloned to the CPU, plain Python otherwise."""
     opt = optimizer.state_dict()
     moments = {str(k): {name: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for name, v in s.items()}
@@ -240,6 +260,7 @@ def _capture(step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer,
         "adam": moments,
         "losses": torch.tensor(losses, dtype=torch.float64),
         "config": config.to_dict(),
+        "loss_scale": None if loss_scale is None else loss_scale.to_dict(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
     }
@@ -248,8 +269,11 @@ def _capture(step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer,
     return snapshot
 
 
-def _restore(state: dict, vectors: torch.Tensor, optimizer: torch.optim.Optimizer,
-             config: InversionConfig) -> tuple[int, list[float]]:
+def _restore(state: dict, vectors: torch.Tensor, optimizer: torch.optim.Optimizer, config: InversionConfig,
+             loss_scale: Optional[LossScale]) -> tuple[int, list[float], Optional[LossScale]]:
+    """Load ``state`` into the vectors, Adam and the RNGs; (step, losses, loss scale) to continue with.
+    A scaled run continues from the state's loss scale, or starts ``loss_scale`` afresh when the state
+    was trained without scaling (another precision)."""
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"Not an inversion state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
     saved = state["vectors"]
@@ -275,7 +299,9 @@ def _restore(state: dict, vectors: torch.Tensor, optimizer: torch.optim.Optimize
         random.setstate((version, tuple(internal), gauss))
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step, [float(x) for x in state["losses"].tolist()]
+    if loss_scale is not None and state.get("loss_scale"):
+        loss_scale = LossScale(**state["loss_scale"])
+    return step, [float(x) for x in state["losses"].tolist()], loss_scale
 
 
 def save_state(path: str, state: dict) -> None:
