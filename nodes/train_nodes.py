@@ -72,6 +72,10 @@ class TrainImplicitNegative(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute UNet activations in backward: less memory, ~30% slower."),
+                io.Combo.Input("precision", options=list(ci.PRECISIONS), default="auto", optional=True,
+                               tooltip="Compute dtype of UNet and text encoder for training (the input MODEL keeps "
+                                       "its own): auto = bf16 on GPUs that run it natively, else fp16 with loss "
+                                       "scaling on GPUs that run fp16, else fp32 (CPU)."),
             ],
             outputs=[ImplicitNegativeType.Output(
                 tooltip="The learned embedding (strength 1.0); feed ImplicitNegativeConditioning.")],
@@ -80,7 +84,7 @@ class TrainImplicitNegative(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, name, steps, learning_rate, num_vectors, init_word, seed, resolution,
-                templates, batch_size, concept, overwrite, gradient_checkpointing) -> io.NodeOutput:
+                templates, batch_size, concept, overwrite, gradient_checkpointing, precision="auto") -> io.NodeOutput:
         destination = embedding_destination(name, overwrite)
         config = InversionConfig(steps=steps, learning_rate=learning_rate, seed=seed, num_vectors=num_vectors,
                                  batch_size=batch_size)
@@ -89,12 +93,14 @@ class TrainImplicitNegative(io.ComfyNode):
         latents = ci.encode_images(vae, ci.fit_images(images, resolution))
         trained = train_embedding(model, clip, latents, [None] * latents.shape[0], config, init_word, templates,
                                   copy_weights="auto", gradient_checkpointing=gradient_checkpointing,
+                                  precision=precision,
                                   on_step=lambda progress: bar.update_absolute(progress.step, steps))
         sources = RunSources(base_model="ComfyUI graph MODEL", unlearned_model="ComfyUI graph MODEL",
                              data=f"IMAGE batch ({latents.shape[0]} images)", trained_in="TrainImplicitNegative")
         run = run_metadata(model, clip, sources, config, init_word=init_word, templates=templates,
-                           resolution=resolution, num_images=latents.shape[0], concept=concept)
-        metadata = embedding_metadata(run, trained.losses, steps)
+                           resolution=resolution, num_images=latents.shape[0], concept=concept,
+                           precision=trained.precision)
+        metadata = embedding_metadata(run, trained.losses, steps, trained.loss_scale)
         key, vectors = trained.embedding_key, trained.vectors
         save_embedding(destination, {key: vectors}, metadata)
         stem = os.path.splitext(os.path.basename(destination))[0]

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-word", default="person", help="word whose embedding starts the vectors")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade UNet compute for memory")
-    train.add_argument("--no-mixed-precision", action="store_true", help="no autocast on CUDA")
+    train.add_argument("--precision", choices=ci.PRECISIONS, default="auto",
+                       help="compute dtype of UNet and text encoder: auto (default) = bf16 on GPUs that run it "
+                            "natively, else fp16 with dynamic loss scaling on GPUs that run fp16, else fp32 (CPUs)")
+    train.add_argument("--no-mixed-precision", action="store_true", help="same as --precision fp32")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
     out = p.add_argument_group("output")
@@ -157,15 +160,15 @@ class TrainingMonitor:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{smoothed(progress.state['losses'].tolist()[-200:])[-1]:.4f}")
         if self.args.checkpoint_every and progress.step % self.args.checkpoint_every == 0:
-            self.save_checkpoint(progress.state, progress.vectors)
+            self.save_checkpoint(progress)
         if self.args.preview_every and not self.args.no_preview and progress.step % self.args.preview_every == 0:
             self.preview(progress.vectors, f"preview-{progress.step:06d}.png")
 
-    def save_checkpoint(self, state: dict, vectors: torch.Tensor) -> None:
-        losses = state["losses"].tolist()
-        save_state(self.state_path, state)
-        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), {self.key: vectors},
-                       embedding_metadata(self.run, losses, int(state["step"])))
+    def save_checkpoint(self, progress) -> None:
+        losses = progress.state["losses"].tolist()
+        save_state(self.state_path, progress.state)
+        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), {self.key: progress.vectors},
+                       embedding_metadata(self.run, losses, progress.step, progress.loss_scale))
         write_loss_csv(os.path.join(self.work_dir, "loss.csv"), losses)
 
     def preview(self, vectors: torch.Tensor, name: str) -> None:
@@ -197,6 +200,8 @@ def load_data(args, work_dir):
 
 
 def run(args) -> int:
+    if args.no_mixed_precision and args.precision not in ("auto", "fp32"):
+        raise SystemExit(f"error: --no-mixed-precision (fp32) contradicts --precision {args.precision}")
     destination = output_path(args)
     if os.path.exists(destination) and not (args.overwrite or args.resume):
         raise SystemExit(f"error: {destination} exists; pass --overwrite (or --resume) or choose another --name")
@@ -223,18 +228,19 @@ def run(args) -> int:
         state = load_state(state_path)
         print(f"[resume] from step {state['step']} of {state_path}")
 
+    precision = ci.training_precision("fp32" if args.no_mixed_precision else args.precision, model.load_device)
     run = run_metadata(model, clip, run_sources(args, reports, data_source), config, init_word=args.init_word,
                        templates=args.templates, resolution=args.resolution, num_images=len(captions),
-                       concept=args.concept)  # hashes the model files once
+                       concept=args.concept, precision=precision)  # hashes the model files once
     monitor = TrainingMonitor(args, work_dir, model, clip, vae, run, start_step=state["step"] if state else 0)
     try:
         trained = train_embedding(model, clip, latents, captions, config, args.init_word, args.templates,
                                   copy_weights="never", gradient_checkpointing=args.gradient_checkpointing,
-                                  mixed_precision=not args.no_mixed_precision, on_step=monitor.on_step, state=state)
+                                  precision=precision, on_step=monitor.on_step, state=state)
     except KeyboardInterrupt:
         monitor.close()
         if monitor.last is not None:
-            monitor.save_checkpoint(monitor.last.state, monitor.last.vectors)
+            monitor.save_checkpoint(monitor.last)
             print(f"\n[interrupted] saved step {monitor.last.step} to {state_path}; "
                   "rerun the same command with --resume to continue")
         else:
@@ -248,7 +254,7 @@ def run(args) -> int:
     if not args.no_preview:
         monitor.preview(trained.vectors, "preview-final.png")
     digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
-                            embedding_metadata(run, trained.losses, config.steps))
+                            embedding_metadata(run, trained.losses, config.steps, trained.loss_scale))
     print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
     return 0
 

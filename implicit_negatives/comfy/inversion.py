@@ -13,6 +13,9 @@ ComfyUI objects into that loss, avoiding the engine's training traps (comfyui.md
   eps = (x_t - x0) / sigma: eps- and v-prediction models are handled alike.
 * VAEEncode latents are unscaled: ``process_latent_in`` applies the model's latent scaling.
 * ``throw_exception_if_processing_interrupted`` runs every step, so ComfyUI's Cancel stops training.
+* Precision: ComfyUI keeps an SD1.x UNet in fp16 on most GPUs and its text encoders in fp16 weights.
+  The trainer computes UNet and text encoder in one chosen dtype (``training_precision``), casting the
+  weights on private copies when they are stored in another one; an fp16 backward is loss-scaled.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import comfy.model_management
+from comfy.k_diffusion.utils import tf32_mode
 
 from ..cfg import eps_from_denoised
 from ..inversion import InversionConfig, caption_parts, denoising_loss, sample_timesteps, step_generator
+from ..loss_scale import LossScale
 
 
 class TrainingSetupError(ValueError):
@@ -44,7 +49,9 @@ class TrainingModules:
 
     base_model: ComfyUI BaseModel (``model.model`` or a private copy); encoder: the SDClipModel
     (``clip_l`` / ``clip_h``); tokenizer: its SDTokenizer; token_key: "l" / "h"; embedding_key:
-    "clip_l" / "clip_h" (the key of the saved file); copied: whether private copies are used.
+    "clip_l" / "clip_h" (the key of the saved file); precision: "fp32" / "bf16" / "fp16", the compute
+    dtype of both; autocast_dtype: the autocast dtype of the forward passes (None for fp32); copied:
+    whether private copies are used.
     """
 
     base_model: torch.nn.Module
@@ -55,6 +62,7 @@ class TrainingModules:
     device: torch.device
     autocast_dtype: Optional[torch.dtype]
     copied: bool
+    precision: str
 
     @property
     def model_sampling(self):
@@ -63,6 +71,11 @@ class TrainingModules:
     @property
     def width(self) -> int:
         return int(self.tokenizer.embedding_size)
+
+    @property
+    def loss_scale(self) -> Optional[LossScale]:
+        """The initial loss scaling for ``invert_concept``: GradScaler's defaults in fp16, else None."""
+        return LossScale() if self.precision == "fp16" else None
 
 
 def single_text_encoder(clip):
@@ -106,12 +119,19 @@ def _has_inference_tensors(module: torch.nn.Module) -> bool:
     return any(t.is_inference() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def trainable_copy(module: torch.nn.Module, memo: Optional[dict] = None) -> torch.nn.Module:
+def _holds_other_dtype(module: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether any floating-point parameter or buffer of ``module`` is not ``dtype``."""
+    return any(t.is_floating_point() and t.dtype != dtype for t in list(module.parameters()) + list(module.buffers()))
+
+
+def trainable_copy(module: torch.nn.Module, memo: Optional[dict] = None,
+                   dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """A copy of ``module`` whose parameters and buffers are fresh (non-inference) clones.
 
     Call outside inference mode. Each submodule becomes a new object sharing the original's plain
     attributes (configs, settings) but none of its tensors or hook tables; submodules registered
     twice stay shared in the copy. ``copy.deepcopy`` is not used: some ComfyUI objects refuse it.
+    dtype: cast the floating-point tensors to it while copying (None: keep theirs).
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
@@ -120,11 +140,52 @@ def trainable_copy(module: torch.nn.Module, memo: Optional[dict] = None) -> torc
     # Hook and state dicts are copied too, so a hook added to the copy never reaches the original.
     new.__dict__ = {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
     memo[id(module)] = new
-    new._parameters = {name: (None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+
+    def fresh(tensor):
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.detach().to(dtype=cast, copy=True)
+    new._parameters = {name: (None if p is None else torch.nn.Parameter(fresh(p), requires_grad=False))
                        for name, p in module._parameters.items()}
-    new._buffers = {name: (None if b is None else b.detach().clone()) for name, b in module._buffers.items()}
-    new._modules = {name: (None if m is None else trainable_copy(m, memo)) for name, m in module._modules.items()}
+    new._buffers = {name: (None if b is None else fresh(b)) for name, b in module._buffers.items()}
+    new._modules = {name: (None if m is None else trainable_copy(m, memo, dtype))
+                    for name, m in module._modules.items()}
     return new
+
+
+def unet_copy(base_model, dtype: torch.dtype):
+    """A private copy of a ComfyUI BaseModel whose UNet weights and compute dtype are ``dtype``; the
+    noise schedule (``model_sampling``'s float32 sigma tables) is copied as it is."""
+    unet = trainable_copy(base_model.diffusion_model, dtype=dtype)
+    new = trainable_copy(base_model, memo={id(base_model.diffusion_model): unet})
+    unet.dtype = dtype            # UNetModel.dtype is what BaseModel.get_dtype() reports
+    new.manual_cast_dtype = None  # the weights already are in the compute dtype: apply_model casts inputs to it
+    return new
+
+
+def unet_compute_dtype(base_model) -> torch.dtype:
+    """The dtype ComfyUI's ``apply_model`` runs the UNet in: the manual-cast dtype, else the weights'."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The compute precision to train in on ``device``: "fp32", "bf16" or "fp16".
+
+    "auto": bf16 where ComfyUI runs bf16 natively (``should_use_bf16``: CUDA compute capability 8+,
+    recent XPU and MPS): float32's range, so no loss scaling; else fp16 where ComfyUI runs fp16 (older
+    CUDA GPUs), trained with dynamic loss scaling; else fp32: always on a CPU, where ComfyUI computes
+    the UNet in float32 too and half-precision kernels are slower (README, "Precision").
+    """
+    if precision not in PRECISIONS:
+        raise TrainingSetupError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if comfy.model_management.should_use_bf16(device):
+        return "bf16"
+    return "fp16" if comfy.model_management.should_use_fp16(device) else "fp32"
 
 
 def _out_of_place_clip_layer_forward(self, x, mask=None, optimized_attention=None):
@@ -159,16 +220,19 @@ def checkpoint_units(diffusion_model) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpointing: bool = False,
-                     mixed_precision: bool = True):
+                     precision: str = "auto"):
     """Load MODEL and CLIP for training and yield ``TrainingModules``; restore everything on exit.
 
     The CLIP must first encode a fixed prompt to finite, position-dependent conditioning
     (``check_text_encoder_output``): a text encoder from any loader is checked before any step.
 
-    copy_weights: "auto" (copy only when the loaded weights are inference tensors, i.e. inside
-    ComfyUI's executor), "always" or "never". Weight patches (LoRAs, partial UNet weights) are
-    applied by ComfyUI's loader before the copy, so the copy trains against the patched model.
-    mixed_precision: on CUDA, run forward passes under autocast in the model's half dtype.
+    copy_weights: "auto" (copy when the loaded weights are inference tensors, i.e. inside ComfyUI's
+    executor), "always" or "never"; whatever it says, a module whose weights are not in the training
+    dtype is trained on a copy cast to it. Weight patches (LoRAs, partial UNet weights) are applied by
+    ComfyUI's loader before the copy, so the copy trains against the patched model.
+    precision: "auto", "fp32", "bf16" or "fp16" (``training_precision``), the compute dtype of UNet and
+    text encoder: bf16 / fp16 run the forward passes under autocast in it (fp16 is meant to be
+    trained with ``modules.loss_scale``); fp32 turns TF32 off, so it is float32 throughout.
     The caller's objects end unchanged: rebound forwards and requires_grad flags are restored.
     """
     if copy_weights not in ("auto", "always", "never"):
@@ -179,12 +243,21 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
         base_model = model.model
-        needs_copy = copy_weights == "always" or (
+        device = next(base_model.parameters()).device
+        precision = training_precision(precision, device)
+        dtype = PRECISION_DTYPES[precision]
+        inference_copy = copy_weights == "always" or (
             copy_weights == "auto" and (_has_inference_tensors(base_model) or _has_inference_tensors(encoder)))
-        if needs_copy:
-            base_model, encoder = trainable_copy(base_model), trainable_copy(encoder)
-            if _has_inference_tensors(base_model) or _has_inference_tensors(encoder):
-                raise TrainingSetupError("Could not make trainable copies of the model weights (still inference tensors).")
+        copy_unet = (inference_copy or unet_compute_dtype(base_model) != dtype
+                     or _holds_other_dtype(base_model.diffusion_model, dtype))
+        copy_encoder = inference_copy or _holds_other_dtype(encoder, dtype)
+        needs_copy = copy_unet or copy_encoder
+        if copy_unet:
+            base_model = unet_copy(base_model, dtype)
+        if copy_encoder:
+            encoder = trainable_copy(encoder, dtype=dtype)
+        if needs_copy and (_has_inference_tensors(base_model) or _has_inference_tensors(encoder)):
+            raise TrainingSetupError("Could not make trainable copies of the model weights (still inference tensors).")
         try:
             for module in (base_model, encoder):
                 flags = [(p, p.requires_grad) for p in module.parameters()]
@@ -202,12 +275,11 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
             restore.append(encoder.reset_clip_options)
             if clip.layer_idx is not None:  # CLIPSetLastLayer (clip skip), as CLIP.encode_from_tokens applies it
                 encoder.set_clip_options({"layer": clip.layer_idx})
-            device = next(base_model.parameters()).device
-            half = base_model.get_dtype() if base_model.get_dtype() in (torch.float16, torch.bfloat16) else None
-            autocast = half if (mixed_precision and device.type == "cuda") else None
-            yield TrainingModules(base_model=base_model, encoder=encoder, tokenizer=tokenizer, token_key=token_key,
-                                  embedding_key=tokenizer.embedding_key, device=device, autocast_dtype=autocast,
-                                  copied=needs_copy)
+            with tf32_mode(cudnn=False, matmul=False) if dtype == torch.float32 else contextlib.nullcontext():
+                yield TrainingModules(base_model=base_model, encoder=encoder, tokenizer=tokenizer,
+                                      token_key=token_key, embedding_key=tokenizer.embedding_key, device=device,
+                                      autocast_dtype=None if dtype == torch.float32 else dtype, copied=needs_copy,
+                                      precision=precision)
         finally:
             for undo in reversed(restore):
                 undo()

@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept
+from ..loss_scale import LossScale
 from . import inversion as ci
 from .clip import clip_fingerprint
 from .model_identity import model_fingerprint
@@ -26,37 +27,43 @@ from .model_identity import model_fingerprint
 @dataclass
 class TrainedEmbedding:
     """vectors: (N, D) float32 on the CPU; losses: one per step; embedding_key: "clip_l" / "clip_h";
-    state: the resume state at the end."""
+    state: the resume state at the end; precision: "fp32" / "bf16" / "fp16", what it was trained in;
+    loss_scale: the final loss scaling state (fp16), else None."""
 
     vectors: torch.Tensor
     losses: list[float]
     embedding_key: str
     state: dict = field(repr=False)
+    precision: str
+    loss_scale: Optional[LossScale]
 
 
 def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optional[str]], config: InversionConfig,
                     init_word: str, templates: str, *, copy_weights: str = "auto", gradient_checkpointing: bool = False,
-                    mixed_precision: bool = True, on_step: Optional[Callable[[InversionProgress], None]] = None,
+                    precision: str = "auto", on_step: Optional[Callable[[InversionProgress], None]] = None,
                     state: Optional[dict] = None) -> TrainedEmbedding:
     """Learn an implicit negative on ``latents`` (M, 4, h, w), as VAEEncode returns them.
 
     captions[i]: image i's own caption ("{}" marks the vectors), or None to caption it each step with one
     of the ``templates`` (a ``CAPTION_TEMPLATES`` name). copy_weights, gradient_checkpointing and
-    mixed_precision go to ``training_modules``; on_step and state to ``invert_concept``.
+    precision go to ``training_modules``; on_step and state to ``invert_concept``, which trains an fp16
+    run with dynamic loss scaling.
     """
     if len(captions) != latents.shape[0]:
         raise ci.TrainingSetupError(f"{len(captions)} captions for {latents.shape[0]} images")
     with ci.training_modules(model, clip, copy_weights=copy_weights, gradient_checkpointing=gradient_checkpointing,
-                             mixed_precision=mixed_precision) as modules:
+                             precision=precision) as modules:
         template_texts = CAPTION_TEMPLATES[templates]
         texts = list(template_texts) + sorted({c for c in captions if c})
         prompts = [ci.tokenize_caption(modules.tokenizer, t, config.num_vectors) for t in texts]
         choices = [[texts.index(c)] if c else list(range(len(template_texts))) for c in captions]
         sampler = ci.latent_batch_sampler(ci.process_latents(modules, latents), modules.model_sampling, choices, config)
         init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
-        result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state)
+        result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state,
+                                loss_scale=modules.loss_scale)
         return TrainedEmbedding(vectors=result.vectors.cpu(), losses=result.losses,
-                                embedding_key=modules.embedding_key, state=result.state)
+                                embedding_key=modules.embedding_key, state=result.state,
+                                precision=modules.precision, loss_scale=result.loss_scale)
 
 
 def embedding_key(clip) -> str:
@@ -78,8 +85,9 @@ class RunSources:
 
 
 def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, init_word: str, templates: str,
-                 resolution: int, num_images: int, concept: str) -> dict:
-    """The metadata fixed for a run (models, data, hyper-parameters); ``embedding_metadata`` adds the progress."""
+                 resolution: int, num_images: int, concept: str, precision: str) -> dict:
+    """The metadata fixed for a run (models, data, hyper-parameters, the precision it trains in: "fp32",
+    "bf16" or "fp16", as ``training_precision`` resolves it); ``embedding_metadata`` adds the progress."""
     return {
         "concept": concept,
         "base_model": sources.base_model, "base_model_hash": sources.base_model_hash,
@@ -88,6 +96,7 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
         "init_word": init_word,
         "text_encoder_fingerprint": clip_fingerprint(clip) or "",
         "model_fingerprint": model_fingerprint(model) or "",
+        "precision": precision,
         "training": json.dumps({
             "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
             "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,
@@ -96,8 +105,12 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
     }
 
 
-def embedding_metadata(run: dict, losses: Sequence[float], steps_done: int) -> dict:
-    """``run_metadata`` plus the progress: steps done, mean loss of the last 100 steps, creation time (UTC)."""
+def embedding_metadata(run: dict, losses: Sequence[float], steps_done: int,
+                       loss_scale: Optional[LossScale] = None) -> dict:
+    """``run_metadata`` plus the progress: steps done, mean loss of the last 100 steps, creation time (UTC),
+    and with loss scaling (fp16) the current loss scale and the steps skipped for an inf/NaN gradient."""
     tail = list(losses)[-100:]
-    return {**run, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
+    scaling = {} if loss_scale is None else {"loss_scale": f"{loss_scale.scale:g}",
+                                             "skipped_steps": str(loss_scale.skipped_steps)}
+    return {**run, **scaling, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
             "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
