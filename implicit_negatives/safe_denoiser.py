@@ -62,7 +62,7 @@ class NegationSetError(ValueError):
     """The negation set cannot serve this model or latent; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NegationSet:
     """Latents of the images to steer away from, in the VAE's own scale (as ComfyUI's LATENT["samples"]).
 
