@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension
 
 from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
+from .safe_denoiser_nodes import EncodeNegationSet, SafeDenoiser
 from .sld_nodes import SafeLatentGuidance
 from .safree_nodes import SafreeConditioning, SafreeLatentReAttention
 from .score_nodes import SafetyScore
@@ -14,4 +15,4 @@ class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
         return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafreeConditioning,
                 SafreeLatentReAttention, TrainImplicitNegative, SafetyScore, LoadUnlearnedWeights,
-                LoadUnlearnedLoRA, LoadUnlearnedTextEncoder]
+                LoadUnlearnedLoRA, LoadUnlearnedTextEncoder, EncodeNegationSet, SafeDenoiser]

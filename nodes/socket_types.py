@@ -1,5 +1,8 @@
-"""The pack's own socket type, declared once: every node that takes or gives an implicit negative uses it."""
+"""The pack's own socket types, declared once: every node that takes or gives one uses these."""
 
 from comfy_api.latest import io
 
 ImplicitNegativeType = io.Custom("IMPLICIT_NEGATIVE")
+
+NegationSetType = io.Custom("NEGATION_SET")
+"""Latents of images to steer away from (``implicit_negatives.safe_denoiser.NegationSet``)."""

@@ -39,6 +39,7 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
         "TrainImplicitNegative": {"steps": 2, "resolution": 64},
+        "ImageScale": {"width": 64, "height": 64},  # negation images at the tiny latent's size
         # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
         "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},
     }
