@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import logging
+import os
 from dataclasses import astuple
 
 import pytest
@@ -121,12 +124,43 @@ def test_engine_output_is_the_core_sld_step_in_x0_space(comfy, pack, tiny_sd15, 
     assert max(gaps) <= 1e-5, gaps
 
 
-def test_fast_path_equals_the_three_pass_path(comfy, pack, tiny_sd15, conds):
-    three = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max")
-    fast = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=True)
-    a, b = ksample(comfy, three, conds), ksample(comfy, fast, conds)
-    assert hooks_of(fast).last_run.safety_passes == 0
+def builtin_node(comfy, filename, node_id):
+    """A comfy_extras node, registered by ComfyUI's own loader (the engine fixture loads only nodes.py)."""
+    if node_id not in comfy.NODE_CLASS_MAPPINGS:
+        path = os.path.join(os.path.dirname(comfy.__file__), "comfy_extras", filename)
+        assert asyncio.run(comfy.load_custom_node(path, module_parent="comfy_extras"))
+    return comfy.NODE_CLASS_MAPPINGS[node_id]
+
+
+def schema_default(pack, name):
+    """What a new node gets in the frontend (and what object_info reports)."""
+    return next(i.default for i in pack["SafeLatentGuidance"].define_schema().inputs if i.id == name)
+
+
+def test_the_default_batched_path_equals_the_separate_pass(comfy, pack, tiny_sd15, conds):
+    assert schema_default(pack, "fast_batched") is True
+    separate = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=False)
+    default = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max",
+                         fast_batched=schema_default(pack, "fast_batched"))
+    a, b = ksample(comfy, separate, conds), ksample(comfy, default, conds)
+    assert hooks_of(separate).last_run.safety_passes == STEPS and hooks_of(default).last_run.safety_passes == 0
     assert close(a, b)
+
+
+def test_an_occupied_calc_cond_batch_slot_falls_back_to_the_separate_pass(comfy, pack, tiny_sd15, conds, caplog):
+    """SkipLayerGuidanceDiTSimple holds the slot (on a UNet its DiT layer patch is inert: it only evaluates cond
+    and uncond in two calls); SLD keeps it there, says so once, and evaluates the safety concept separately."""
+    slg_node = builtin_node(comfy, "nodes_slg.py", "SkipLayerGuidanceDiTSimple")
+    slg = slg_node.execute(tiny_sd15[0], 0.0, 1.0, "7", "7").result[0]
+    held = slg.model_options["sampler_calc_cond_batch_function"]
+    with caplog.at_level(logging.INFO):
+        model = safe_model(pack, slg, conds["safety"], preset="max", fast_batched=True)
+    assert [r.levelno for r in caplog.records if "calc_cond_batch slot" in r.getMessage()] == [logging.INFO]
+    assert model.model_options["sampler_calc_cond_batch_function"] is held
+    fallback = ksample(comfy, model, conds)
+    assert hooks_of(model).last_run.safety_passes == STEPS
+    separate = ksample(comfy, safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=False), conds)
+    assert close(fallback, separate)
 
 
 def test_running_the_same_patched_model_twice_gives_identical_images(comfy, pack, tiny_sd15, conds):
@@ -233,12 +267,6 @@ def test_nan_in_the_safety_branch_stops_sampling(comfy, pack, tiny_sd15, conds):
     model = safe_model(pack, tiny_sd15[0], poisoned)
     with pytest.raises(FloatingPointError, match="safety-concept pass returned NaN"):
         ksample(comfy, model, conds)
-
-
-def test_fast_path_refuses_an_occupied_calc_cond_batch_slot(pack, tiny_sd15, conds):
-    first = safe_model(pack, tiny_sd15[0], conds["safety"], fast_batched=True)
-    with pytest.raises(ValueError, match="calc_cond_batch slot"):
-        safe_model(pack, first, conds["safety"], fast_batched=True)
 
 
 def test_presets_and_warmup_units_resolve_as_documented(pack_module):

@@ -4,8 +4,9 @@ ComfyUI's samplers see x0 ("denoised") predictions; SLD's thresholds live in ε 
 prediction is converted with ``ε = (x − x0)/σ``. The patch is a post-CFG function (it stacks with
 other guidance patches such as RescaleCFG, SAG, PAG) that
 
-  * evaluates the safety concept at the same x and σ, as one extra ``calc_cond_batch`` pass, or
-    (fast path) inside the model's own batched call through the calc_cond_batch slot;
+  * evaluates the safety concept at the same x and σ: by default inside the model's own batched call
+    through the calc_cond_batch slot (as diffusers does), or as one extra ``calc_cond_batch`` pass when
+    asked to or when another patch holds that slot;
   * computes γ with the core, advances the momentum once per sampler step (Heun, DPM++ 2S call the
     model several times per step), and returns ``x0_cfg + s·σ·γ`` (⇔ ``ε_cfg − s·γ``) after warm-up.
 
@@ -35,7 +36,6 @@ WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
 # timestep ranges). A model patch evaluates the safety concept without process_conds, so it refuses them
 # instead of silently ignoring them.
 UNSUPPORTED_SAFETY_OPTIONS = ("area", "mask", "control", "gligen", "hooks")
-
 
 class SafeLatentGuidanceError(ValueError):
     """SafeLatentGuidance cannot serve this model or safety concept; the message says how to fix it."""
@@ -135,7 +135,8 @@ class SafeLatentGuidancePatch:
         self.safety_conds = safety_conds
         self.params = params
         self.warmup = warmup
-        self.fast_batched = fast_batched
+        self.fast_batched = fast_batched  # what the node asked for
+        self.batched = False              # whether install() took the calc_cond_batch slot
         self.run: SamplingRun | None = None
         self.last_run: SamplingRun | None = None
         self._warned_missing_stash = False
@@ -146,14 +147,19 @@ class SafeLatentGuidancePatch:
         return self
 
     def install(self, model):
-        """Return a clone of ``model`` carrying the hooks; ``model`` itself is left untouched."""
-        if self.fast_batched and "sampler_calc_cond_batch_function" in model.model_options:
-            raise SafeLatentGuidanceError(
-                "fast_batched needs ComfyUI's single calc_cond_batch slot, and another patch on this model already "
-                "uses it (e.g. SkipLayerGuidanceDiTSimple or a second SafeLatentGuidance): turn fast_batched off.")
+        """Return a clone of ``model`` carrying the hooks; ``model`` itself is left untouched.
+
+        The batched path needs ComfyUI's single calc_cond_batch slot; when another patch already holds it
+        (SkipLayerGuidanceDiTSimple, a second SafeLatentGuidance), the safety concept gets its own pass."""
+        self.batched = self.fast_batched and sld_enabled(self.params)
+        if self.batched and "sampler_calc_cond_batch_function" in model.model_options:
+            logging.info("SafeLatentGuidance: another patch on this model already holds ComfyUI's calc_cond_batch "
+                         "slot (e.g. SkipLayerGuidanceDiTSimple or another SafeLatentGuidance); the safety concept is "
+                         "evaluated in a separate pass instead (same result, one more model call per step).")
+            self.batched = False
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self.post_cfg, disable_cfg1_optimization=True)
-        if self.fast_batched and sld_enabled(self.params):
+        if self.batched:
             patched.set_model_sampler_calc_cond_batch_function(self.calc_cond_batch)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
         return patched
@@ -201,7 +207,7 @@ class SafeLatentGuidancePatch:
             denoised = run.stash[2]
             run.stash = None
             return denoised
-        if self.fast_batched and not self._warned_missing_stash:
+        if self.batched and not self._warned_missing_stash:
             logging.warning("SafeLatentGuidance: another patch replaced the calc_cond_batch hook after this node; "
                             "the safety concept is evaluated in a separate pass (correct, but slower).")
             self._warned_missing_stash = True
