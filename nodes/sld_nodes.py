@@ -11,7 +11,8 @@ import logging
 from comfy_api.latest import io
 
 from implicit_negatives.sld import REFERENCE_STEPS, SLD_PRESETS, SLDParams, sld_enabled
-from implicit_negatives.comfy.sld_patch import SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept
+from implicit_negatives.comfy.sld_patch import (SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept,
+                                                 check_safety_source)
 
 PRESETS = ("weak", "medium", "strong", "max", "custom")
 WARMUP_UNITS = ("fraction_of_run", "steps")
@@ -79,6 +80,7 @@ class SafeLatentGuidance(io.ComfyNode):
                              "logs it and uses a separate pass. Off: always a separate safety pass.")),
             ],
             outputs=[io.Model.Output(tooltip="The model with Safe Latent Guidance; connect it to a KSampler.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to recognise an empty text encode upstream
         )
 
     @classmethod
@@ -88,6 +90,8 @@ class SafeLatentGuidance(io.ComfyNode):
                                           sld_warmup_fraction, sld_threshold, sld_momentum_scale, sld_mom_beta)
         check_model(model)
         safety_conds = check_safety_concept(model, safety_concept)
+        if cls.hidden is not None and cls.hidden.prompt is not None:
+            check_safety_source(cls.hidden.prompt, cls.hidden.unique_id)
         if not sld_enabled(params):
             logging.warning("SafeLatentGuidance: sld_guidance_scale %g <= 1 turns safety guidance off (diffusers' "
                             "rule); the model samples with plain CFG.", params.guidance_scale)

@@ -269,6 +269,52 @@ def test_nan_in_the_safety_branch_stops_sampling(comfy, pack, tiny_sd15, conds):
         ksample(comfy, model, conds)
 
 
+def test_a_zeroed_or_empty_text_safety_concept_is_refused(comfy, pack, tiny_sd15, conds):
+    """ConditioningZeroOut gives zeros; an empty CLIPTextEncode gives non-zero start/end-token states."""
+    encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
+    empty = encode(tiny_sd15[1], "")[0]
+    assert empty[0][0].any()
+    zeroed = comfy.NODE_CLASS_MAPPINGS["ConditioningZeroOut"]().zero_out(conds["safety"])[0]
+    with pytest.raises(ValueError, match="all zeros .*ConditioningZeroOut"):
+        safe_model(pack, tiny_sd15[0], zeroed)
+    for fast_batched in (False, True):  # the empty text as the safety concept and as the negative: SLD is a no-op
+        model = safe_model(pack, tiny_sd15[0], empty, fast_batched=fast_batched)
+        with pytest.raises(ValueError, match="same conditioning as the sampler's negative prompt"):
+            ksample(comfy, model, {**conds, "negative": encode(tiny_sd15[1], "")[0]})
+
+
+def test_an_empty_text_encode_feeding_the_safety_concept_is_refused_in_a_graph(comfy, pack, tiny_checkpoint):
+    from implicit_negatives.comfy import headless
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint[1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "  "}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a person"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "low quality"}},
+        "5": {"class_type": "SafeLatentGuidance", "inputs": {"model": ["1", 0], "safety_concept": ["2", 0], **DEFAULTS}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    builtin_node(comfy, "nodes_primitive.py", "PrimitiveStringMultiline")
+    runner = headless.GraphRunner()
+
+    def failure(graph) -> str:
+        with pytest.raises(headless.GraphError):
+            runner.run(graph)
+        return " ".join(data["exception_message"] for event, data in runner.executor.status_messages
+                        if event == "execution_error")
+
+    assert "safety concept is an empty text (CLIPTextEncode" in failure(graph)
+    graph["10"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": ""}}
+    graph["2"]["inputs"]["text"] = ["10", 0]
+    assert "safety concept is an empty text" in failure(graph)
+    graph["10"]["inputs"]["value"] = "nudity"
+    assert runner.run(graph)["9"]["images"]
+
+
 def test_presets_and_warmup_units_resolve_as_documented(pack_module):
     nodes = importlib.import_module(pack_module.__name__ + ".nodes.sld_nodes")
     params, warmup = nodes.resolve_settings("medium", "fraction_of_run", **{k: DEFAULTS[k] for k in (

@@ -37,6 +37,13 @@ WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
 # instead of silently ignoring them.
 UNSUPPORTED_SAFETY_OPTIONS = ("area", "mask", "control", "gligen", "hooks")
 
+# Stock text encoders and the inputs that hold their text. An empty text still encodes to non-zero start/end-token
+# states, so an empty text concept is recognised in the graph, not in the tensor.
+TEXT_ENCODER_INPUTS = {"CLIPTextEncode": ("text",), "CLIPTextEncodeSDXL": ("text_g", "text_l"),
+                       "CLIPTextEncodeSDXLRefiner": ("text",)}
+STRING_PRIMITIVES = ("PrimitiveString", "PrimitiveStringMultiline")
+
+
 class SafeLatentGuidanceError(ValueError):
     """SafeLatentGuidance cannot serve this model or safety concept; the message says how to fix it."""
 
@@ -74,6 +81,11 @@ def check_safety_concept(model, safety_concept) -> list:
                 f"Safety concept width {tensor.shape[-1]} does not fit this model's cross-attention width {context_dim}: "
                 "encode the safety concept with the CLIP of the same checkpoint (e.g. an SD2 or SDXL CLIP on an SD1 model "
                 "gives this error).")
+        if not tensor.any():
+            raise SafeLatentGuidanceError(
+                f"Safety concept entry {index} is all zeros (e.g. the output of ConditioningZeroOut), so SLD would "
+                "steer away from nothing: connect the concept itself, e.g. ImplicitNegativeConditioning's output or a "
+                "CLIPTextEncode of the concept's words.")
         if needs_pooled and options.get("pooled_output") is None:
             raise SafeLatentGuidanceError(
                 "This model (e.g. SDXL) needs a pooled text embedding, and the safety concept has none: encode it with "
@@ -87,6 +99,40 @@ def check_safety_concept(model, safety_concept) -> list:
                 "pass. Connect the plain text/implicit-negative conditioning instead (apply ControlNet, areas, masks "
                 "and timestep ranges to the prompt, not to the safety concept).")
     return comfy.sampler_helpers.convert_cond(safety_concept)
+
+
+def literal_text(prompt: dict, value) -> str | None:
+    """The text an API-format input holds: a literal, or a String primitive's literal; None when computed."""
+    if isinstance(value, list) and len(value) == 2:
+        source = prompt.get(str(value[0]), {})
+        value = source.get("inputs", {}).get("value") if source.get("class_type") in STRING_PRIMITIVES else None
+    return value if isinstance(value, str) else None
+
+
+def check_safety_source(prompt: dict, node_id: str) -> None:
+    """Refuse a safety concept that a stock text encoder made from an empty text.
+
+    ``prompt`` is the API-format graph being run and ``node_id`` the SafeLatentGuidance node in it."""
+    link = prompt.get(str(node_id), {}).get("inputs", {}).get("safety_concept")
+    source = prompt.get(str(link[0]), {}) if isinstance(link, list) else {}
+    texts = [literal_text(prompt, source["inputs"].get(name))
+             for name in TEXT_ENCODER_INPUTS.get(source.get("class_type"), ())]
+    if texts and all(text is not None and not text.strip() for text in texts):
+        raise SafeLatentGuidanceError(
+            f"The safety concept is an empty text ({source['class_type']} with no text), which encodes only the "
+            "start and end tokens, so SLD would steer away from no concept: write the concept to steer away from "
+            "(e.g. 'nudity, violence, blood') or connect ImplicitNegativeConditioning's output.")
+
+
+def same_text_embeddings(a: list, b: list) -> bool:
+    """Whether two converted CONDITIONINGs hold the same text embeddings, entry by entry."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        ex, ey = x.get("cross_attn"), y.get("cross_attn")
+        if ex is None or ey is None or ex.shape != ey.shape or not torch.equal(ex, ey.to(ex.device)):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,6 +274,12 @@ class SafeLatentGuidancePatch:
         x, sigma = args["input"], args["sigma"]
         run = self.run_for(args["model_options"], x)
         run.evaluations += 1
+        if run.evaluations == 1 and same_text_embeddings(self.safety_conds, args["uncond"]):
+            raise SafeLatentGuidanceError(
+                "The safety concept is the same conditioning as the sampler's negative prompt (e.g. both an empty "
+                "CLIPTextEncode, or one implicit negative wired to both), and SLD steers away from the concept "
+                "relative to the negative, so it would change nothing: keep the concept as the safety concept and "
+                "give the KSampler another negative (diffusers' SLD uses an empty one).")
         step = sampler_step_index(run.sigmas, float(sigma.flatten()[0]))
         momentum = run.momentum.at_step(step)
 
