@@ -6,6 +6,7 @@ NudeNet is optional (AGPL-3.0): the node registers without it and fails with the
 from __future__ import annotations
 
 import json
+import sys
 
 from comfy_api.latest import io, ui
 
@@ -13,6 +14,11 @@ from implicit_negatives.nudenet_scorer import INSTALL_HINT, detect_rgb, detector
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, label_set, labels_over_threshold, summarize_detections
 
 CUSTOM = "custom"
+
+
+def running_server():
+    """ComfyUI's PromptServer when this process serves a frontend, else None (headless runs import no server)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
 
 
 def resolve_label_set(choice: str, custom_spec: str):
@@ -55,6 +61,7 @@ class SafetyScore(io.ComfyNode):
                                  tooltip="JSON list: per image the flag, the labels over threshold and all detections."),
                 io.Int.Output(display_name="flagged_count", tooltip="Number of flagged images in the batch."),
             ],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -76,4 +83,9 @@ class SafetyScore(io.ComfyNode):
                  "per label (images): " + ", ".join(f"{k} {v}" for k, v in summary["per_label_images"].items()),
                  f"detector: NudeNet {described['nudenet_version']} ({described['model']})"]
         text = "\n".join(lines)
+        server = running_server()
+        if server is not None and cls.hidden is not None and cls.hidden.unique_id:
+            # The frontend shows a node's "text" UI output only on Preview as Text; progress text it shows on any
+            # node (as on ComfyUI's Get Image Size). The ui output keeps the summary in the history for API clients.
+            server.send_progress_text(text, cls.hidden.unique_id)
         return io.NodeOutput(text, json.dumps(records), summary["flagged"], ui=ui.PreviewText(text))

@@ -11,7 +11,8 @@ import logging
 from comfy_api.latest import io
 
 from implicit_negatives.sld import REFERENCE_STEPS, SLD_PRESETS, SLDParams, sld_enabled
-from implicit_negatives.comfy.sld_patch import SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept
+from implicit_negatives.comfy.sld_patch import (SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept,
+                                                 check_safety_source)
 
 PRESETS = ("weak", "medium", "strong", "max", "custom")
 WARMUP_UNITS = ("fraction_of_run", "steps")
@@ -36,9 +37,9 @@ class SafeLatentGuidance(io.ComfyNode):
                 "is steered away from it (elementwise, in noise space, exactly as diffusers' "
                 "StableDiffusionPipelineSafe). Feed an implicit negative (ImplicitNegativeConditioning) as the safety "
                 "concept: on concept-erased models it works where the words no longer do. Costs one extra model "
-                "evaluation per step (about +50% over CFG). Presets are diffusers' SafetyConfig; Weak uses diffusers' "
-                "s_S = 20 (some ports use 200: pick custom for that). The safety pass gets no ControlNet, areas or "
-                "masks."),
+                "evaluation per step, batched with the prompt's by default (as in diffusers). Presets are diffusers' "
+                "SafetyConfig; Weak uses diffusers' s_S = 20 (some ports use 200: pick custom for that). The safety "
+                "pass gets no ControlNet, areas or masks."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to protect (SD1.x, SD2.x or SDXL). It is cloned, not changed."),
                 io.Conditioning.Input(
@@ -71,12 +72,15 @@ class SafeLatentGuidance(io.ComfyNode):
                 io.Float.Input("sld_mom_beta", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="β_m: momentum decay, ν ← β_m·ν + (1 − β_m)·γ." + CUSTOM_ONLY),
                 io.Boolean.Input(
-                    "fast_batched", default=False,
-                    tooltip=("Evaluate uncond, prompt and safety concept in one batched model call (as diffusers). "
-                             "Faster where memory allows; uses ComfyUI's single calc_cond_batch slot, so it cannot be "
-                             "combined with another patch that uses it (e.g. SkipLayerGuidanceDiTSimple).")),
+                    "fast_batched", default=True,
+                    tooltip=("On (default): evaluate uncond, prompt and safety concept in one batched model call, as "
+                             "diffusers does (same result, faster; about 1.5x the separate pass's peak activation "
+                             "memory, and ComfyUI splits the batch when memory is short). When another patch already "
+                             "holds ComfyUI's single calc_cond_batch slot (e.g. SkipLayerGuidanceDiTSimple), the node "
+                             "logs it and uses a separate pass. Off: always a separate safety pass.")),
             ],
             outputs=[io.Model.Output(tooltip="The model with Safe Latent Guidance; connect it to a KSampler.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to recognise an empty text encode upstream
         )
 
     @classmethod
@@ -86,6 +90,8 @@ class SafeLatentGuidance(io.ComfyNode):
                                           sld_warmup_fraction, sld_threshold, sld_momentum_scale, sld_mom_beta)
         check_model(model)
         safety_conds = check_safety_concept(model, safety_concept)
+        if cls.hidden is not None and cls.hidden.prompt is not None:
+            check_safety_source(cls.hidden.prompt, cls.hidden.unique_id)
         if not sld_enabled(params):
             logging.warning("SafeLatentGuidance: sld_guidance_scale %g <= 1 turns safety guidance off (diffusers' "
                             "rule); the model samples with plain CFG.", params.guidance_scale)

@@ -184,6 +184,25 @@ LOAD_AND_FIT = """async ([workflow, overrides]) => {
 }"""
 
 
+# Text the page shows on the nodes that display a DSR summary: SafetyScore's progress-text widget (the one
+# ComfyUI's Get Image Size fills) and Preview as Text's preview widgets.
+SHOWN_SUMMARIES = """() => window.app.graph._nodes
+    .filter(n => n.type === "SafetyScore" || n.type === "PreviewAny")
+    .map(n => ({type: n.type, text: (n.widgets || [])
+        .filter(w => w.name === "$$node-text-preview" || w.name === "preview")
+        .map(w => String(w.value ?? "")).join("\\n")}))"""
+
+
+def wait_for_shown_summaries(page, timeout_ms: int = 10_000) -> list[dict]:
+    """What the summary-showing nodes display once the run's messages have reached the page."""
+    for _ in range(timeout_ms // 200):
+        shown = page.evaluate(SHOWN_SUMMARIES)
+        if shown and all("DSR " in node["text"] for node in shown):
+            break
+        page.wait_for_timeout(200)
+    return shown
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=os.path.basename)
 def test_ui_workflow_loads_queues_and_runs_in_the_frontend(server, page, path):
     with open(path) as handle:
@@ -203,6 +222,10 @@ def test_ui_workflow_loads_queues_and_runs_in_the_frontend(server, page, path):
     saved = [node_id for node_id, out in history["outputs"].items() if out.get("images")]
     save_nodes = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage") and n.get("mode", 0) == 0]
     assert len(saved) >= len(save_nodes)
+    if any(n["type"] == "SafetyScore" for n in workflow["nodes"]):  # the DSR is on the page, on the node and previewed
+        shown = wait_for_shown_summaries(page)
+        assert sorted(n["type"] for n in shown) == ["PreviewAny", "SafetyScore"], shown
+        assert all("DSR " in n["text"] and "nudenet5@0.6" in n["text"] for n in shown), shown
     page.wait_for_timeout(500)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     page.screenshot(path=os.path.join(SCREENSHOTS, os.path.basename(path).replace(".json", ".png")))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import logging
+import os
 from dataclasses import astuple
 
 import pytest
@@ -121,12 +124,43 @@ def test_engine_output_is_the_core_sld_step_in_x0_space(comfy, pack, tiny_sd15, 
     assert max(gaps) <= 1e-5, gaps
 
 
-def test_fast_path_equals_the_three_pass_path(comfy, pack, tiny_sd15, conds):
-    three = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max")
-    fast = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=True)
-    a, b = ksample(comfy, three, conds), ksample(comfy, fast, conds)
-    assert hooks_of(fast).last_run.safety_passes == 0
+def builtin_node(comfy, filename, node_id):
+    """A comfy_extras node, registered by ComfyUI's own loader (the engine fixture loads only nodes.py)."""
+    if node_id not in comfy.NODE_CLASS_MAPPINGS:
+        path = os.path.join(os.path.dirname(comfy.__file__), "comfy_extras", filename)
+        assert asyncio.run(comfy.load_custom_node(path, module_parent="comfy_extras"))
+    return comfy.NODE_CLASS_MAPPINGS[node_id]
+
+
+def schema_default(pack, name):
+    """What a new node gets in the frontend (and what object_info reports)."""
+    return next(i.default for i in pack["SafeLatentGuidance"].define_schema().inputs if i.id == name)
+
+
+def test_the_default_batched_path_equals_the_separate_pass(comfy, pack, tiny_sd15, conds):
+    assert schema_default(pack, "fast_batched") is True
+    separate = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=False)
+    default = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max",
+                         fast_batched=schema_default(pack, "fast_batched"))
+    a, b = ksample(comfy, separate, conds), ksample(comfy, default, conds)
+    assert hooks_of(separate).last_run.safety_passes == STEPS and hooks_of(default).last_run.safety_passes == 0
     assert close(a, b)
+
+
+def test_an_occupied_calc_cond_batch_slot_falls_back_to_the_separate_pass(comfy, pack, tiny_sd15, conds, caplog):
+    """SkipLayerGuidanceDiTSimple holds the slot (on a UNet its DiT layer patch is inert: it only evaluates cond
+    and uncond in two calls); SLD keeps it there, says so once, and evaluates the safety concept separately."""
+    slg_node = builtin_node(comfy, "nodes_slg.py", "SkipLayerGuidanceDiTSimple")
+    slg = slg_node.execute(tiny_sd15[0], 0.0, 1.0, "7", "7").result[0]
+    held = slg.model_options["sampler_calc_cond_batch_function"]
+    with caplog.at_level(logging.INFO):
+        model = safe_model(pack, slg, conds["safety"], preset="max", fast_batched=True)
+    assert [r.levelno for r in caplog.records if "calc_cond_batch slot" in r.getMessage()] == [logging.INFO]
+    assert model.model_options["sampler_calc_cond_batch_function"] is held
+    fallback = ksample(comfy, model, conds)
+    assert hooks_of(model).last_run.safety_passes == STEPS
+    separate = ksample(comfy, safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=False), conds)
+    assert close(fallback, separate)
 
 
 def test_running_the_same_patched_model_twice_gives_identical_images(comfy, pack, tiny_sd15, conds):
@@ -235,10 +269,50 @@ def test_nan_in_the_safety_branch_stops_sampling(comfy, pack, tiny_sd15, conds):
         ksample(comfy, model, conds)
 
 
-def test_fast_path_refuses_an_occupied_calc_cond_batch_slot(pack, tiny_sd15, conds):
-    first = safe_model(pack, tiny_sd15[0], conds["safety"], fast_batched=True)
-    with pytest.raises(ValueError, match="calc_cond_batch slot"):
-        safe_model(pack, first, conds["safety"], fast_batched=True)
+def test_a_zeroed_or_empty_text_safety_concept_is_refused(comfy, pack, tiny_sd15, conds):
+    """ConditioningZeroOut gives zeros; an empty CLIPTextEncode gives non-zero start/end-token states."""
+    encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
+    empty = encode(tiny_sd15[1], "")[0]
+    assert empty[0][0].any()
+    zeroed = comfy.NODE_CLASS_MAPPINGS["ConditioningZeroOut"]().zero_out(conds["safety"])[0]
+    with pytest.raises(ValueError, match="all zeros .*ConditioningZeroOut"):
+        safe_model(pack, tiny_sd15[0], zeroed)
+    for fast_batched in (False, True):  # the empty text as the safety concept and as the negative: SLD is a no-op
+        model = safe_model(pack, tiny_sd15[0], empty, fast_batched=fast_batched)
+        with pytest.raises(ValueError, match="same conditioning as the sampler's negative prompt"):
+            ksample(comfy, model, {**conds, "negative": encode(tiny_sd15[1], "")[0]})
+
+
+def test_an_empty_text_encode_feeding_the_safety_concept_is_refused_in_a_graph(comfy, pack, tiny_checkpoint):
+    from implicit_negatives.comfy import headless
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint[1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "  "}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a person"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "low quality"}},
+        "5": {"class_type": "SafeLatentGuidance", "inputs": {"model": ["1", 0], "safety_concept": ["2", 0], **DEFAULTS}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    builtin_node(comfy, "nodes_primitive.py", "PrimitiveStringMultiline")
+    runner = headless.GraphRunner()
+
+    def failure(graph) -> str:
+        with pytest.raises(headless.GraphError):
+            runner.run(graph)
+        return " ".join(data["exception_message"] for event, data in runner.executor.status_messages
+                        if event == "execution_error")
+
+    assert "safety concept is an empty text (CLIPTextEncode" in failure(graph)
+    graph["10"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": ""}}
+    graph["2"]["inputs"]["text"] = ["10", 0]
+    assert "safety concept is an empty text" in failure(graph)
+    graph["10"]["inputs"]["value"] = "nudity"
+    assert runner.run(graph)["9"]["images"]
 
 
 def test_presets_and_warmup_units_resolve_as_documented(pack_module):

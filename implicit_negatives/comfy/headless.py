@@ -100,8 +100,11 @@ def load_pack(nodes=None):
     if "LoadImplicitNegative" not in nodes.NODE_CLASS_MAPPINGS:
         if not asyncio.run(nodes.load_custom_node(PACK_ROOT)):
             raise EngineError(f"ComfyUI failed to load the pack from {PACK_ROOT} (see the log above)")
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) == os.path.join(PACK_ROOT, "__init__.py"):
+    # The package ComfyUI registered is the one whose nodes/ it imported (pytest may hold another alias of the
+    # same __init__.py, without the nodes).
+    root_init = os.path.join(PACK_ROOT, "__init__.py")
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) == root_init and f"{name}.nodes.extension" in sys.modules:
             return module
     raise EngineError("the pack is registered but its root package is not in sys.modules")
 

@@ -4,8 +4,9 @@ ComfyUI's samplers see x0 ("denoised") predictions; SLD's thresholds live in ε 
 prediction is converted with ``ε = (x − x0)/σ``. The patch is a post-CFG function (it stacks with
 other guidance patches such as RescaleCFG, SAG, PAG) that
 
-  * evaluates the safety concept at the same x and σ, as one extra ``calc_cond_batch`` pass, or
-    (fast path) inside the model's own batched call through the calc_cond_batch slot;
+  * evaluates the safety concept at the same x and σ: by default inside the model's own batched call
+    through the calc_cond_batch slot (as diffusers does), or as one extra ``calc_cond_batch`` pass when
+    asked to or when another patch holds that slot;
   * computes γ with the core, advances the momentum once per sampler step (Heun, DPM++ 2S call the
     model several times per step), and returns ``x0_cfg + s·σ·γ`` (⇔ ``ε_cfg − s·γ``) after warm-up.
 
@@ -35,6 +36,12 @@ WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
 # timestep ranges). A model patch evaluates the safety concept without process_conds, so it refuses them
 # instead of silently ignoring them.
 UNSUPPORTED_SAFETY_OPTIONS = ("area", "mask", "control", "gligen", "hooks")
+
+# Stock text encoders and the inputs that hold their text. An empty text still encodes to non-zero start/end-token
+# states, so an empty text concept is recognised in the graph, not in the tensor.
+TEXT_ENCODER_INPUTS = {"CLIPTextEncode": ("text",), "CLIPTextEncodeSDXL": ("text_g", "text_l"),
+                       "CLIPTextEncodeSDXLRefiner": ("text",)}
+STRING_PRIMITIVES = ("PrimitiveString", "PrimitiveStringMultiline")
 
 
 class SafeLatentGuidanceError(ValueError):
@@ -74,6 +81,11 @@ def check_safety_concept(model, safety_concept) -> list:
                 f"Safety concept width {tensor.shape[-1]} does not fit this model's cross-attention width {context_dim}: "
                 "encode the safety concept with the CLIP of the same checkpoint (e.g. an SD2 or SDXL CLIP on an SD1 model "
                 "gives this error).")
+        if not tensor.any():
+            raise SafeLatentGuidanceError(
+                f"Safety concept entry {index} is all zeros (e.g. the output of ConditioningZeroOut), so SLD would "
+                "steer away from nothing: connect the concept itself, e.g. ImplicitNegativeConditioning's output or a "
+                "CLIPTextEncode of the concept's words.")
         if needs_pooled and options.get("pooled_output") is None:
             raise SafeLatentGuidanceError(
                 "This model (e.g. SDXL) needs a pooled text embedding, and the safety concept has none: encode it with "
@@ -87,6 +99,40 @@ def check_safety_concept(model, safety_concept) -> list:
                 "pass. Connect the plain text/implicit-negative conditioning instead (apply ControlNet, areas, masks "
                 "and timestep ranges to the prompt, not to the safety concept).")
     return comfy.sampler_helpers.convert_cond(safety_concept)
+
+
+def literal_text(prompt: dict, value) -> str | None:
+    """The text an API-format input holds: a literal, or a String primitive's literal; None when computed."""
+    if isinstance(value, list) and len(value) == 2:
+        source = prompt.get(str(value[0]), {})
+        value = source.get("inputs", {}).get("value") if source.get("class_type") in STRING_PRIMITIVES else None
+    return value if isinstance(value, str) else None
+
+
+def check_safety_source(prompt: dict, node_id: str) -> None:
+    """Refuse a safety concept that a stock text encoder made from an empty text.
+
+    ``prompt`` is the API-format graph being run and ``node_id`` the SafeLatentGuidance node in it."""
+    link = prompt.get(str(node_id), {}).get("inputs", {}).get("safety_concept")
+    source = prompt.get(str(link[0]), {}) if isinstance(link, list) else {}
+    texts = [literal_text(prompt, source["inputs"].get(name))
+             for name in TEXT_ENCODER_INPUTS.get(source.get("class_type"), ())]
+    if texts and all(text is not None and not text.strip() for text in texts):
+        raise SafeLatentGuidanceError(
+            f"The safety concept is an empty text ({source['class_type']} with no text), which encodes only the "
+            "start and end tokens, so SLD would steer away from no concept: write the concept to steer away from "
+            "(e.g. 'nudity, violence, blood') or connect ImplicitNegativeConditioning's output.")
+
+
+def same_text_embeddings(a: list, b: list) -> bool:
+    """Whether two converted CONDITIONINGs hold the same text embeddings, entry by entry."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        ex, ey = x.get("cross_attn"), y.get("cross_attn")
+        if ex is None or ey is None or ex.shape != ey.shape or not torch.equal(ex, ey.to(ex.device)):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -135,7 +181,8 @@ class SafeLatentGuidancePatch:
         self.safety_conds = safety_conds
         self.params = params
         self.warmup = warmup
-        self.fast_batched = fast_batched
+        self.fast_batched = fast_batched  # what the node asked for
+        self.batched = False              # whether install() took the calc_cond_batch slot
         self.run: SamplingRun | None = None
         self.last_run: SamplingRun | None = None
         self._warned_missing_stash = False
@@ -146,14 +193,19 @@ class SafeLatentGuidancePatch:
         return self
 
     def install(self, model):
-        """Return a clone of ``model`` carrying the hooks; ``model`` itself is left untouched."""
-        if self.fast_batched and "sampler_calc_cond_batch_function" in model.model_options:
-            raise SafeLatentGuidanceError(
-                "fast_batched needs ComfyUI's single calc_cond_batch slot, and another patch on this model already "
-                "uses it (e.g. SkipLayerGuidanceDiTSimple or a second SafeLatentGuidance): turn fast_batched off.")
+        """Return a clone of ``model`` carrying the hooks; ``model`` itself is left untouched.
+
+        The batched path needs ComfyUI's single calc_cond_batch slot; when another patch already holds it
+        (SkipLayerGuidanceDiTSimple, a second SafeLatentGuidance), the safety concept gets its own pass."""
+        self.batched = self.fast_batched and sld_enabled(self.params)
+        if self.batched and "sampler_calc_cond_batch_function" in model.model_options:
+            logging.info("SafeLatentGuidance: another patch on this model already holds ComfyUI's calc_cond_batch "
+                         "slot (e.g. SkipLayerGuidanceDiTSimple or another SafeLatentGuidance); the safety concept is "
+                         "evaluated in a separate pass instead (same result, one more model call per step).")
+            self.batched = False
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(self.post_cfg, disable_cfg1_optimization=True)
-        if self.fast_batched and sld_enabled(self.params):
+        if self.batched:
             patched.set_model_sampler_calc_cond_batch_function(self.calc_cond_batch)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
         return patched
@@ -201,7 +253,7 @@ class SafeLatentGuidancePatch:
             denoised = run.stash[2]
             run.stash = None
             return denoised
-        if self.fast_batched and not self._warned_missing_stash:
+        if self.batched and not self._warned_missing_stash:
             logging.warning("SafeLatentGuidance: another patch replaced the calc_cond_batch hook after this node; "
                             "the safety concept is evaluated in a separate pass (correct, but slower).")
             self._warned_missing_stash = True
@@ -222,6 +274,12 @@ class SafeLatentGuidancePatch:
         x, sigma = args["input"], args["sigma"]
         run = self.run_for(args["model_options"], x)
         run.evaluations += 1
+        if run.evaluations == 1 and same_text_embeddings(self.safety_conds, args["uncond"]):
+            raise SafeLatentGuidanceError(
+                "The safety concept is the same conditioning as the sampler's negative prompt (e.g. both an empty "
+                "CLIPTextEncode, or one implicit negative wired to both), and SLD steers away from the concept "
+                "relative to the negative, so it would change nothing: keep the concept as the safety concept and "
+                "give the KSampler another negative (diffusers' SLD uses an empty one).")
         step = sampler_step_index(run.sigmas, float(sigma.flatten()[0]))
         momentum = run.momentum.at_step(step)
 
