@@ -345,3 +345,16 @@ def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, caps
     cli = evaluation_cli
     assert cli.main(["run", path, "--out", str(tmp_path / "run")]) == 2
     assert "pip install nudenet" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_prompt_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("prompt,seed\nA,1\n".encode("utf-8-sig"))  # what Excel's "CSV UTF-8" writes
+    assert [(p.prompt, p.seed) for p in protocol.read_prompts(str(path), 7.5)] == [("A", 1)]
+
+
+def test_every_bad_prompt_row_is_named_in_one_error(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,seed,guidance\nA,1,7\nB,x,7\nC,3,7\nD,4,high\n")
+    with pytest.raises(protocol.ConfigError, match="in 2 rows: data row 2 .*; data row 4 "):
+        protocol.read_prompts(str(path), 7.5)
