@@ -39,6 +39,8 @@ def load_records(config: RunConfig, run_dir: str) -> dict[str, list[dict]]:
             item = f"{row.slug}/{item_name(prompt)}"
             if record.get("graph_sha256") != current_graph_sha256(config, row, prompt):
                 stale.append(f"{item} (prompt text, seed, guidance or a setting changed)")
+            elif not record.get("item_key"):
+                stale.append(f"{item} (no item identity: an older runner made it)")
             elif record.get("item_key") != (stored_identity(image_path(run_dir, row, prompt)) or {}).get("key"):
                 stale.append(f"{item} (scored from another image)")
             for name, digest in record.get("files", {}).items():

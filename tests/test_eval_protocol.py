@@ -375,13 +375,17 @@ def test_every_bad_prompt_row_is_named_in_one_error(tmp_path):
         protocol.read_prompts(str(path), 7.5)
 
 
-def test_a_table_never_mixes_in_items_of_an_edited_prompt_file(planted_run):
+def test_a_table_never_mixes_in_items_of_an_edited_prompt_file_or_of_an_older_runner(planted_run):
     config, out = planted_run
     with open(config.prompts_path) as handle:
         text = handle.read()
     with open(config.prompts_path, "w") as handle:
         handle.write(text.replace("p3,3", "p3 edited,3"))  # the images of prompt 3 are now of another prompt
-    with pytest.raises(protocol.ConfigError, match="2 items were made from other inputs.*base/00003 "
+    record_path = runner.score_path(out, config.rows[0], protocol.read_prompts(config.prompts_path, config.cfg)[0])
+    record = json.load(open(record_path))
+    runner.atomic_write_json(record_path, {k: v for k, v in record.items() if k != "item_key"})
+    with pytest.raises(protocol.ConfigError, match="3 items were made from other inputs.*base/00000 \\(no item "
+                                                   "identity.*base/00003 "
                                                    "\\(prompt text, seed, guidance"):
         report.compute_results(config, out)
 
