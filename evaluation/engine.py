@@ -85,8 +85,25 @@ class ComfyEngine:
         return graph
 
     def validate(self, graph: dict) -> list[str]:
-        """ComfyUI's objections to a graph as readable lines (none: it would run)."""
-        return self.graphs.validate(graph)[0]
+        """ComfyUI's objections to a graph as readable lines (none: it would run). ComfyUI 0.3.64 does not
+        check the values of V3 nodes' combos, so those are checked here the way 0.8.0 does."""
+        return self.graphs.validate(graph)[0] or self._combo_problems(graph)
+
+    def _combo_problems(self, graph: dict) -> list[str]:
+        problems = []
+        for node_id, node in graph.items():
+            declared = self.nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+            for name, spec in {**declared.get("required", {}), **declared.get("optional", {})}.items():
+                options = spec[0] if isinstance(spec[0], (list, tuple)) else (
+                    spec[1].get("options") if spec[0] == "COMBO" and len(spec) > 1 else None)
+                value = node["inputs"].get(name)
+                if options is None or name not in node["inputs"] or isinstance(value, list):  # list: a link
+                    continue
+                if value not in options:
+                    shown = str(list(options)) if len(options) <= 20 else f"(list of length {len(options)})"
+                    problems.append(f"{node['class_type']} node '{node_id}': Value not in list: {name}: "
+                                    f"'{value}' not in {shown}")
+        return problems
 
     def run(self, graph: dict) -> dict:
         """Validate and execute one graph; return ComfyUI's ``history_result['outputs']``."""
