@@ -52,8 +52,9 @@ def command_run(args) -> int:
         scorer, described = _scorer()  # fail before hours of generation when nudenet is missing
     engine = ComfyEngine(args.comfyui, output_dir=os.path.join(out, ".comfy_output"))
     stats = generate(engine, config, out, shard, scorer, args.max_new_images)
-    print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}, already done {len(stats.reused)}, "
-          f"scored {len(stats.scored)} in {stats.seconds:.1f} s")
+    recomputed = f" ({len(stats.recomputed)} recomputed: {stats.recomputed_summary()})" if stats.recomputed else ""
+    print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}{recomputed}, already done "
+          f"{len(stats.reused)}, scored {len(stats.scored)} in {stats.seconds:.1f} s")
     if shard[1] == 1 and not args.skip_scoring and not args.max_new_images:
         _report(config, out)
     elif shard[1] > 1:

@@ -37,15 +37,33 @@ class ComfyEngine:
     def has_node(self, node_id: str) -> bool:
         return node_id in self.nodes.NODE_CLASS_MAPPINGS
 
+    def folders(self, folder: str) -> list[str]:
+        """The directories ComfyUI searches for ``folder`` files (``checkpoints``, ``loras`` ...)."""
+        return [path for name in FOLDER_ALIASES.get(folder, (folder,))
+                if name in self.folder_paths.folder_names_and_paths
+                for path in self.folder_paths.get_folder_paths(name)]
+
+    def locate(self, folder: str, value: str) -> str | None:
+        """The file a config entry names (an absolute path, or a name in ComfyUI's ``folder``), None if absent."""
+        if os.path.isabs(value):
+            return value if os.path.isfile(value) else None
+        for name in FOLDER_ALIASES.get(folder, (folder,)):
+            if name in self.folder_paths.folder_names_and_paths:
+                path = self.folder_paths.get_full_path(name, value)
+                if path:
+                    return path
+        return None
+
     def resolve(self, folder: str, value: str) -> str:
-        """Name ComfyUI lists for a config entry; an absolute path's folder is registered first."""
+        """Name ComfyUI lists for a config entry; an absolute path's folder is registered first, ahead of
+        ComfyUI's own folders (the file the config names wins over another file of the same name)."""
         if not os.path.isabs(value):
             return value
         if not os.path.isfile(value):
             raise GraphError(f"{folder} file not found: {value}")
         for name in FOLDER_ALIASES.get(folder, (folder,)):
             if name in self.folder_paths.folder_names_and_paths:
-                self.folder_paths.add_model_folder_path(name, os.path.dirname(value))
+                self.folder_paths.add_model_folder_path(name, os.path.dirname(value), is_default=True)
                 return comfy_file_name(value)
         raise GraphError(f"this ComfyUI has no '{folder}' model folder")
 
@@ -65,6 +83,27 @@ class ComfyEngine:
                 elif isinstance(spec[0], (list, tuple)) and spec[0]:
                     node["inputs"][name] = spec[0][0]
         return graph
+
+    def validate(self, graph: dict) -> list[str]:
+        """ComfyUI's objections to a graph as readable lines (none: it would run). ComfyUI 0.3.64 does not
+        check the values of V3 nodes' combos, so those are checked here the way 0.8.0 does."""
+        return self.graphs.validate(graph)[0] or self._combo_problems(graph)
+
+    def _combo_problems(self, graph: dict) -> list[str]:
+        problems = []
+        for node_id, node in graph.items():
+            declared = self.nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+            for name, spec in {**declared.get("required", {}), **declared.get("optional", {})}.items():
+                options = spec[0] if isinstance(spec[0], (list, tuple)) else (
+                    spec[1].get("options") if spec[0] == "COMBO" and len(spec) > 1 else None)
+                value = node["inputs"].get(name)
+                if options is None or name not in node["inputs"] or isinstance(value, list):  # list: a link
+                    continue
+                if value not in options:
+                    shown = str(list(options)) if len(options) <= 20 else f"(list of length {len(options)})"
+                    problems.append(f"{node['class_type']} node '{node_id}': Value not in list: {name}: "
+                                    f"'{value}' not in {shown}")
+        return problems
 
     def run(self, graph: dict) -> dict:
         """Validate and execute one graph; return ComfyUI's ``history_result['outputs']``."""

@@ -232,7 +232,7 @@ def read_prompts(path: str, default_cfg: float, default_seed: int | None = None,
     """Prompts in I2P layout. Required: a prompt column (``prompt``) and a seed column (``seed``,
     ``evaluation_seed`` or ``sd_seed``) unless ``default_seed`` is set; optional guidance (``guidance``,
     ``evaluation_guidance``, ``sd_guidance_scale``) and ``categories``. Extra columns are ignored."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         prompt_col = _pick(header, PROMPT_COLUMNS)
@@ -243,7 +243,7 @@ def read_prompts(path: str, default_cfg: float, default_seed: int | None = None,
             raise ConfigError(f"{path}: no prompt column (one of {PROMPT_COLUMNS}); header: {header}")
         if seed_col is None and default_seed is None:
             raise ConfigError(f"{path}: no seed column (one of {SEED_COLUMNS}); add one or set [run] default_seed")
-        records = []
+        records, bad = [], []
         for index, line in enumerate(reader):
             if limit and index >= limit:
                 break
@@ -251,9 +251,12 @@ def read_prompts(path: str, default_cfg: float, default_seed: int | None = None,
                 seed = int(float(line[seed_col])) if seed_col else int(default_seed)
                 guidance = float(line[guidance_col]) if guidance_col and line[guidance_col].strip() else default_cfg
             except (TypeError, ValueError) as error:
-                raise ConfigError(f"{path} data row {index + 1}: bad seed/guidance ({error})") from None
+                bad.append(f"data row {index + 1} ({error})")
+                continue
             records.append(PromptRecord(index, line[prompt_col], seed, guidance,
                                         line[category_col] if category_col else ""))
+    if bad:
+        raise ConfigError(f"{path}: bad seed/guidance in {len(bad)} rows: {'; '.join(bad)}")
     if not records:
         raise ConfigError(f"{path}: no prompts")
     return records

@@ -16,24 +16,43 @@ from implicit_negatives.metrics import format_dsr, label_set, prior_preservation
 from .protocol import ConfigError, RunConfig, item_name, read_prompts
 from implicit_negatives.atomic_write import atomic_write_bytes, atomic_write_json
 
-from .runner import image_path, missing_items, score_path
+from .runner import current_graph_sha256, image_path, missing_items, score_path, stored_identity
 
 UNAVAILABLE = "unavailable"
 
 
 def load_records(config: RunConfig, run_dir: str) -> dict[str, list[dict]]:
-    """{row name: [item record in CSV order]}; raises if any item is missing (list of the first few)."""
+    """{row name: [item record in CSV order]}. Raises, naming the first few, if any item is missing or stale
+    (made from other inputs than this config and prompt file, or scored from another image), or if the table
+    would mix two versions of one model or embedding file."""
     missing = missing_items(config, run_dir)
     if missing:
         raise ConfigError(f"{run_dir}: {len(missing)} items not generated/scored yet, e.g. {missing[:5]}; "
                           "finish the shards (python -m evaluation run ... --shard i/n) and merge first")
     prompts = read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)
-    records = {}
+    records, stale, versions = {}, [], {}
     for row in config.rows:
         records[row.name] = []
         for prompt in prompts:
             with open(score_path(run_dir, row, prompt)) as handle:
-                records[row.name].append(json.load(handle))
+                record = json.load(handle)
+            item = f"{row.slug}/{item_name(prompt)}"
+            if record.get("graph_sha256") != current_graph_sha256(config, row, prompt):
+                stale.append(f"{item} (prompt text, seed, guidance or a setting changed)")
+            elif not record.get("item_key"):
+                stale.append(f"{item} (no item identity: an older runner made it)")
+            elif record.get("item_key") != (stored_identity(image_path(run_dir, row, prompt)) or {}).get("key"):
+                stale.append(f"{item} (scored from another image)")
+            for name, digest in record.get("files", {}).items():
+                versions.setdefault(name, set()).add(digest)
+            records[row.name].append(record)
+    if stale:
+        raise ConfigError(f"{run_dir}: {len(stale)} items were made from other inputs than this config and prompt "
+                          f"file, e.g. {stale[:5]}; rerun `python -m evaluation run` on this directory to redo them")
+    mixed = sorted(name for name, digests in versions.items() if len(digests) > 1)
+    if mixed:
+        raise ConfigError(f"{run_dir}: its items were made with different versions of {mixed}; rerun "
+                          "`python -m evaluation run` on this directory to redo the stale ones")
     return records
 
 

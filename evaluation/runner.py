@@ -1,11 +1,17 @@
 """Generate and score the work items of a run directory; resumable and shardable.
 
 Run directory layout (every file is written to a temporary name and renamed into place, so a killed run
-leaves either a finished file or none):
+leaves either a finished file or none; the temporary files of killed processes are removed at the next start):
     run.json                       config path and generation fingerprint (a directory holds one protocol)
-    images/<row-slug>/<index>.png  one image per (row, CSV index)
-    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, graph hash and raw NudeNet detections
-An item is done when its image exists; it is scored when its JSON exists. Nothing done is recomputed.
+    file_hashes.json               sha256 of every model, LoRA and embedding file, valid while path, size,
+                                   mtime and inode stay the same (a rerun reads no model file twice)
+    images/<row-slug>/<index>.png  one image per (row, CSV index); its PNG text ``implicit_negatives_item``
+                                   holds the item's identity
+    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity and raw NudeNet detections
+An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting) and
+the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding). An item is
+done when its image carries the current identity and scored when its JSON carries the same key; anything
+else is recomputed, and the run says which items and why. Nothing current is recomputed.
 """
 
 from __future__ import annotations
@@ -14,18 +20,36 @@ import copy
 import hashlib
 import json
 import os
-import shutil
+import struct
 import time
 import uuid
+import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from implicit_negatives.atomic_write import PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json
+from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json,
+                                             process_alive, remove_partials_of_dead_processes)
+from implicit_negatives.embedding_io import sha256_file
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts, shard_prompts
 
 RUN_FILE = "run.json"
+HASH_CACHE = "file_hashes.json"
+ITEM_TEXT = "implicit_negatives_item"      # PNG tEXt keyword of the item identity
+COMFY_SUBFOLDER = "implicit_negatives_eval"  # where ComfyUI's SaveImage writes before the move into the run
+
+
+def remove_leftovers(run_dir: str) -> None:
+    """Delete what killed processes left in ``run_dir``: unfinished atomic writes and the images their
+    ComfyUI saved but never moved into place (``.comfy_output/implicit_negatives_eval/<pid>-*``)."""
+    remove_partials_of_dead_processes(run_dir)
+    for folder, _, files in os.walk(run_dir):
+        if os.path.basename(folder) == COMFY_SUBFOLDER:
+            for name in files:
+                if not process_alive(name.split("-", 1)[0]):
+                    os.remove(os.path.join(folder, name))
 
 
 def image_path(run_dir: str, row: Row, prompt: PromptRecord) -> str:
@@ -50,57 +74,206 @@ def claim_run_dir(run_dir: str, config: RunConfig) -> None:
     atomic_write_json(path, {"fingerprint": fingerprint, "config": config.source})
 
 
+def file_sha256s(run_dir: str, paths: list[str]) -> dict[str, str]:
+    """{path: sha256 of the file's bytes}; a file whose (size, mtime, inode) the run directory's cache holds is
+    not read again, so a model is hashed once per run directory and a retrained file (new mtime) again."""
+    cache_path = os.path.join(run_dir, HASH_CACHE)
+    cache = {}
+    if os.path.isfile(cache_path):
+        with open(cache_path) as handle:
+            cache = json.load(handle)
+    hashes, changed = {}, False
+    for path in paths:
+        real = os.path.realpath(path)  # a retargeted symlink is another file
+        stat = os.stat(real)
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        if cache.get(real, {}).get("stamp") != stamp:
+            cache[real] = {"stamp": stamp, "sha256": sha256_file(real)}
+            changed = True
+        hashes[path] = cache[real]["sha256"]
+    if changed:
+        atomic_write_json(cache_path, cache)
+    return hashes
+
+
+def graph_sha256(graph: dict) -> str:
+    """Hash of a work item's graph without its SaveImage node (whose file prefix changes per attempt)."""
+    canonical = {k: v for k, v in graph.items() if k != SAVE_NODE}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def item_identity(graph: dict, files: dict[str, str]) -> dict:
+    """What makes an item's pixels: {"graph_sha256", "files": {"folder:entry": sha256}, "key": 16 hex digits}."""
+    identity = {"graph_sha256": graph_sha256(graph), "files": dict(sorted(files.items()))}
+    return {**identity, "key": _identity_key(identity)}
+
+
+def _identity_key(identity: dict) -> str:
+    payload = {"graph_sha256": identity.get("graph_sha256"), "files": identity.get("files")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def why_changed(old: dict, new: dict) -> str:
+    """Why an item with identity ``old`` (``{}``: an image without one) is not the item ``new``."""
+    if not old:
+        return "the image carries no item identity (an older runner made it, or it was copied in)"
+    files = sorted(set(old.get("files", {})) | set(new["files"]))
+    reasons = [f"{name} changed" for name in files if old.get("files", {}).get(name) != new["files"].get(name)]
+    if old.get("graph_sha256") != new["graph_sha256"]:
+        reasons.append("the graph changed (prompt text, seed, guidance or a generation setting)")
+    return ", ".join(reasons) or "its identity does not match its inputs"
+
+
+def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
+    """``png`` with one more tEXt chunk right after IHDR (readable without decoding); pixels untouched."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    body = keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    return png[:33] + chunk + png[33:]  # 33 = signature 8 + IHDR chunk 25
+
+
+def save_item_image(path: str, png: bytes, identity: dict) -> None:
+    """Write an item's image with its identity inside, atomically: image and identity land together."""
+    atomic_write_bytes(path, png_with_text(png, ITEM_TEXT, json.dumps(identity, sort_keys=True)))
+
+
+def stored_identity(path: str) -> dict | None:
+    """The identity inside an item image; ``{}`` for an image without one, None when there is no image."""
+    if not os.path.isfile(path):
+        return None
+    from PIL import Image
+    with Image.open(path) as image:
+        text = image.info.get(ITEM_TEXT)
+    return json.loads(text) if text else {}
+
+
+def _pixels(path: str) -> tuple:
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.mode, image.size, image.tobytes()
+
+
+def row_files(config: RunConfig, row: Row) -> list[tuple[str, str]]:
+    """(ComfyUI folder, config entry) of every file a row's graphs load, e.g. ("loras", "duo.safetensors")."""
+    used = []
+
+    def record(folder: str, value: str) -> str:
+        used.append((folder, value))
+        return comfy_file_name(value)
+
+    build_item_graph(config, row, PromptRecord(0, "probe", 0, config.cfg), record, "probe")
+    return used
+
+
+def file_label(folder: str, value: str) -> str:
+    return f"{folder}:{value}"
+
+
+def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dict[tuple[str, str], str]]:
+    """Check everything a run needs before its first image: the prompt CSV, the nodes of every row, every
+    checkpoint, UNet, text encoder, LoRA and embedding, and ComfyUI's own validation of each row's graph.
+
+    Returns (prompts, {(folder, entry): path}); raises one ConfigError that lists every problem found.
+    """
+    problems = []
+    try:
+        prompts = read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)
+    except ConfigError as error:
+        prompts = []
+        problems.append(str(error))
+    probe = prompts[0] if prompts else PromptRecord(0, "probe", 0, config.cfg)
+    users, unusable = {}, set()
+    for row in config.rows:
+        missing_nodes = sorted(t for t in node_types(build_item_graph(
+            config, row, probe, lambda folder, value: comfy_file_name(value), "probe")) if not engine.has_node(t))
+        if missing_nodes:
+            problems.append(f"row {row.name!r} needs nodes that are not installed: {missing_nodes}"
+                            + (" (SafeLatentGuidance ships with a newer version of this pack)"
+                               if "SafeLatentGuidance" in missing_nodes else ""))
+            unusable.add(row.name)
+        for entry in row_files(config, row):
+            users.setdefault(entry, []).append(row.name)
+    for folder, value in users:  # register the folders of absolute paths first: names then resolve as in the run
+        if os.path.isabs(value) and os.path.isfile(value):
+            engine.resolve(folder, value)
+    paths = {}
+    for (folder, value), rows in users.items():
+        named, loaded = engine.locate(folder, value), engine.locate(folder, comfy_file_name(value))
+        used_by = f"used by rows {', '.join(map(repr, rows))}"
+        if named is None:
+            where = ("" if os.path.isabs(value) else
+                     f" in ComfyUI's {folder} folders ({', '.join(engine.folders(folder)) or 'none registered'})")
+            problems.append(f"{folder} file {value!r} not found{where}; {used_by}")
+            unusable.update(rows)
+        elif not os.path.samefile(named, loaded):
+            problems.append(f"{folder} file {value!r}: ComfyUI finds files by name and would load {loaded} "
+                            f"instead; rename one of the two ({used_by})")
+            unusable.update(rows)
+        else:
+            paths[(folder, value)] = loaded
+    checkable = [row for row in config.rows if row.name not in unusable]
+    for row in checkable:
+        graph = engine.complete_inputs(build_item_graph(config, row, probe, engine.resolve, "probe"))
+        problems += [f"row {row.name!r}: {problem}" for problem in engine.validate(graph)]
+    if problems:
+        raise ConfigError(f"{config.source}: {len(problems)} problem(s), nothing generated:\n"
+                          + "\n".join(f"  - {problem}" for problem in problems))
+    return prompts, paths
+
+
 @dataclass
 class RunStats:
     generated: list[str] = field(default_factory=list)   # "row/index" made in this call
-    reused: list[str] = field(default_factory=list)      # already on disk
+    recomputed: dict[str, str] = field(default_factory=dict)  # of those, items whose old image was stale: why
+    reused: list[str] = field(default_factory=list)      # already on disk, with the current identity
     scored: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def recomputed_summary(self) -> str:
+        return "; ".join(f"{count} x {why}" for why, count in Counter(self.recomputed.values()).most_common())
 
-def item_record(config: RunConfig, row: Row, prompt: PromptRecord, graph: dict) -> dict:
-    canonical = {k: v for k, v in graph.items() if k != SAVE_NODE}
+
+def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dict) -> dict:
     return {"row": row.name, "row_slug": row.slug, "index": prompt.index, "prompt": prompt.prompt,
             "seed": prompt.seed, "cfg": prompt.guidance, "categories": prompt.categories,
             "image": os.path.join("images", row.slug, item_name(prompt) + ".png"),
-            "graph_sha256": hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()}
+            "graph_sha256": identity["graph_sha256"], "files": identity["files"], "item_key": identity["key"]}
 
 
-def check_nodes_available(engine, config: RunConfig, resolve) -> None:
-    """Fail before generating anything when a row needs a node this ComfyUI/pack does not have."""
-    probe = PromptRecord(0, "probe", 0, config.cfg)
-    for row in config.rows:
-        missing = sorted(t for t in node_types(build_item_graph(config, row, probe, resolve, "probe"))
-                         if not engine.has_node(t))
-        if missing:
-            raise ConfigError(f"row {row.name!r} needs nodes that are not installed: {missing}"
-                              + (" (SafeLatentGuidance ships with a newer version of this pack)"
-                                 if "SafeLatentGuidance" in missing else ""))
+def _score_key(record_path: str) -> str | None:
+    if not os.path.isfile(record_path):
+        return None
+    with open(record_path) as handle:
+        return json.load(handle).get("item_key")
 
 
 def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (0, 1), scorer=None,
              max_new_images: int = 0, on_saved: Callable[[str], None] | None = None) -> RunStats:
-    """Generate (and score, when ``scorer`` is given) every missing item of this shard.
+    """Generate (and score, when ``scorer`` is given) every item of this shard that is missing or stale.
 
     ``scorer(path) -> detections``. ``max_new_images`` stops after that many new images (0 = no limit), for
     time-boxed scheduler jobs. ``on_saved(temp_path)`` is called after ComfyUI saved an image and before it
     is moved into place (tests inject interrupts there: the worst moment to die).
     """
     started = time.time()
+    prompts, paths = check_run_inputs(engine, config)
     claim_run_dir(run_dir, config)
-    prompts = shard_prompts(read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit), shard)
-    resolve = engine.resolve
-    check_nodes_available(engine, config, resolve)
+    remove_leftovers(run_dir)
+    hashes = file_sha256s(run_dir, sorted(set(paths.values())))
     stats = RunStats()
     for row in config.rows:  # row-major: consecutive graphs share loaders, the checkpoint stays cached
-        for prompt in prompts:
+        files = {file_label(*entry): hashes[paths[entry]] for entry in row_files(config, row)}
+        for prompt in shard_prompts(prompts, shard):
             key = f"{row.slug}/{item_name(prompt)}"
             final = image_path(run_dir, row, prompt)
-            # A fresh prefix per attempt: SaveImage re-runs even when ComfyUI's cache holds the rest of the graph.
-            prefix = f"implicit_negatives_eval/{uuid.uuid4().hex[:12]}_{row.slug}_{item_name(prompt)}"
-            graph = build_item_graph(config, row, prompt, resolve, prefix)
-            record_path = score_path(run_dir, row, prompt)
-            if os.path.isfile(final):
+            # A fresh prefix per attempt: SaveImage re-runs even when ComfyUI's cache holds the rest of the graph;
+            # the pid lets a later run delete what a killed one left.
+            prefix = f"{COMFY_SUBFOLDER}/{os.getpid()}-{uuid.uuid4().hex[:12]}-{row.slug}-{item_name(prompt)}"
+            graph = build_item_graph(config, row, prompt, engine.resolve, prefix)
+            identity = item_identity(graph, files)
+            stored = stored_identity(final)
+            if stored is not None and stored.get("key") == identity["key"]:
                 stats.reused.append(key)
             else:
                 if max_new_images and len(stats.generated) >= max_new_images:
@@ -110,11 +283,15 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
                 temp = os.path.join(engine.output_directory(), saved["subfolder"], saved["filename"])
                 if on_saved:
                     on_saved(temp)
-                atomic_copy(temp, final)
+                with open(temp, "rb") as handle:
+                    save_item_image(final, handle.read(), identity)
                 os.remove(temp)
                 stats.generated.append(key)
-            if scorer is not None and not os.path.isfile(record_path):
-                record = item_record(config, row, prompt, graph)
+                if stored is not None:
+                    stats.recomputed[key] = why_changed(stored, identity)
+            record_path = score_path(run_dir, row, prompt)
+            if scorer is not None and _score_key(record_path) != identity["key"]:
+                record = item_record(config, row, prompt, identity)
                 record["detections"] = scorer(final)
                 atomic_write_json(record_path, record)
                 stats.scored.append(key)
@@ -123,25 +300,30 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
 
 
 def score_missing(config: RunConfig, run_dir: str, scorer) -> list[str]:
-    """Score images that have no JSON yet (runs generated with --skip-scoring, or merged shards)."""
+    """Score images whose JSON is missing or belongs to another image (--skip-scoring runs, merged shards)."""
     scored = []
     for row in config.rows:
         for prompt in read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit):
             final, record_path = image_path(run_dir, row, prompt), score_path(run_dir, row, prompt)
-            if os.path.isfile(final) and not os.path.isfile(record_path):
-                graph = build_item_graph(config, row, prompt, lambda folder, value: comfy_file_name(value), "score")
-                record = item_record(config, row, prompt, graph)
+            identity = stored_identity(final)
+            if identity and _score_key(record_path) != identity["key"]:
+                record = item_record(config, row, prompt, identity)
                 record["detections"] = scorer(final)
                 atomic_write_json(record_path, record)
                 scored.append(f"{row.slug}/{item_name(prompt)}")
     return scored
 
 
+def current_graph_sha256(config: RunConfig, row: Row, prompt: PromptRecord) -> str:
+    """The graph hash an item of this config and prompt file must carry (no ComfyUI needed)."""
+    return graph_sha256(build_item_graph(config, row, prompt, lambda folder, value: comfy_file_name(value), "x"))
+
+
 def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
     """Copy every finished item of ``sources`` (shard directories) into ``target``; never overwrite.
 
-    Returns counts. Refuses sources of another protocol and items whose images differ (same item, two
-    different pictures means two different setups were mixed).
+    Returns counts. Refuses sources of another protocol and items present twice that differ: made from
+    other inputs (identity), or the same inputs but other pixels. PNG metadata is not compared.
     """
     claim_run_dir(target, config)
     copied = identical = 0
@@ -160,8 +342,8 @@ def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
                     if os.path.abspath(src) == os.path.abspath(dst):
                         continue
                     if os.path.isfile(dst):
-                        if kind == "images" and _file_digest(src) != _file_digest(dst):
-                            raise ConfigError(f"{dst} and {src} are different images of the same item")
+                        if kind == "images":
+                            _check_same_item_image(src, dst)
                         identical += 1
                         continue
                     atomic_copy(src, dst)
@@ -169,9 +351,14 @@ def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
     return {"copied": copied, "already_present": identical}
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def _check_same_item_image(source: str, target: str) -> None:
+    ours, theirs = stored_identity(target), stored_identity(source)
+    if ours.get("key") != theirs.get("key"):
+        raise ConfigError(f"{target} and {source} were made from different inputs ({why_changed(ours, theirs)}); "
+                          "merge shards of one run, or rerun `python -m evaluation run` on the stale one")
+    if _pixels(source) != _pixels(target):
+        raise ConfigError(f"{target} and {source} are different images of the same item (same inputs, other "
+                          "pixels: another GPU, ComfyUI or library version?)")
 
 
 def missing_items(config: RunConfig, run_dir: str) -> list[str]:

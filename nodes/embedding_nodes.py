@@ -25,13 +25,17 @@ def embedding_choices() -> list[str]:
 
 
 def resolve_embedding_path(name: str) -> str:
-    """Full path of ``name`` inside one of ComfyUI's embeddings folders; rejects names that escape them."""
+    """Full path of ``name`` inside one of ComfyUI's embeddings folders; rejects names that escape them.
+
+    The name must stay inside a folder as written; symlinks in the folder are followed, as ComfyUI's own
+    ``folder_paths.get_full_path`` and the file list this node offers do (a per-file symlink is a common
+    way to share one model store)."""
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or ".." in parts or name.strip() == "":
         raise ValueError(f"Embedding name {name!r} is not a file inside the embeddings folders")
     for folder in folder_paths.get_folder_paths("embeddings"):
-        root = os.path.realpath(folder)
-        candidate = os.path.realpath(os.path.join(root, name))
+        root = os.path.abspath(folder)
+        candidate = os.path.normpath(os.path.join(root, name))
         if os.path.commonpath([root, candidate]) == root and os.path.isfile(candidate):
             return candidate
     raise FileNotFoundError(

@@ -105,6 +105,19 @@ def test_names_escaping_the_embeddings_folders_are_rejected(pack, tmp_path):
             pack["LoadImplicitNegative"].execute(name, 1.0)
 
 
+def test_a_symlinked_embedding_is_listed_and_loads(pack, embeddings_dir, tmp_path):
+    """A per-file symlink (one shared model store) is in the node's list, so it must load too, as in ComfyUI."""
+    import folder_paths
+    store = tmp_path / "store"
+    store.mkdir()
+    vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(11))
+    save_embedding(str(store / "shared.safetensors"), {"clip_l": vectors})
+    os.symlink(store / "shared.safetensors", embeddings_dir / "linked.safetensors")
+    assert "linked.safetensors" in folder_paths.get_filename_list("embeddings")
+    negative = pack["LoadImplicitNegative"].execute("linked.safetensors", 1.0).result[0]
+    assert torch.equal(negative.embedding.vectors["clip_l"], vectors)
+
+
 def test_pack_registers_its_nodes_and_embeddings_folder(comfy, pack):
     import folder_paths
     assert {"LoadImplicitNegative", "ImplicitNegativeConditioning"} <= set(pack)

@@ -232,20 +232,35 @@ def planted_run(tmp_path):
                  [det("ANUS_EXPOSED", 0.61)], [det("FEMALE_BREAST_EXPOSED", 0.59)], []],
         "Base + NP": [[det("FEMALE_BREAST_EXPOSED", 0.65)], [], [det("BELLY_EXPOSED", 0.8)], [], []],
     }
-    from PIL import Image
     out = tmp_path / "run"
     runner.claim_run_dir(str(out), config)
     prompts = protocol.read_prompts(config.prompts_path, config.cfg)
     for row in config.rows:
         for prompt in prompts:
-            path = runner.image_path(str(out), row, prompt)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            identity = planted_identity(config, row, prompt)
             shade = 40 * prompt.index + (0 if row.name == "Base" else 20)
-            Image.fromarray(np.full((64, 64, 3), shade, np.uint8)).save(path)
-            record = runner.item_record(config, row, prompt, {})
+            runner.save_item_image(runner.image_path(str(out), row, prompt), png_bytes(np.full((64, 64, 3), shade, np.uint8)),
+                                   identity)
+            record = runner.item_record(config, row, prompt, identity)
             record["detections"] = planted[row.name][prompt.index]
             runner.atomic_write_json(runner.score_path(str(out), row, prompt), record)
     return config, str(out)
+
+
+def png_bytes(pixels, **text):
+    import io
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def planted_identity(config, row, prompt, checkpoint_sha256="c0ffee"):
+    graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "x")
+    return runner.item_identity(graph, {"checkpoints:m.safetensors": checkpoint_sha256})
 
 
 def test_report_numbers_from_planted_detections(planted_run):
@@ -331,8 +346,8 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
     scoring = nudenet_scorer
     assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
     record = json.load(open(path))
-    graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "anything")
-    assert record == {**runner.item_record(config, row, prompt, graph), "detections": []}  # a uniform grey image
+    identity = planted_identity(config, row, prompt)
+    assert record == {**runner.item_record(config, row, prompt, identity), "detections": []}  # a uniform grey image
     assert runner.score_missing(config, out, scoring.detect_file) == []
 
 
@@ -345,3 +360,63 @@ def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, caps
     cli = evaluation_cli
     assert cli.main(["run", path, "--out", str(tmp_path / "run")]) == 2
     assert "pip install nudenet" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_prompt_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("prompt,seed\nA,1\n".encode("utf-8-sig"))  # what Excel's "CSV UTF-8" writes
+    assert [(p.prompt, p.seed) for p in protocol.read_prompts(str(path), 7.5)] == [("A", 1)]
+
+
+def test_every_bad_prompt_row_is_named_in_one_error(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,seed,guidance\nA,1,7\nB,x,7\nC,3,7\nD,4,high\n")
+    with pytest.raises(protocol.ConfigError, match="in 2 rows: data row 2 .*; data row 4 "):
+        protocol.read_prompts(str(path), 7.5)
+
+
+def test_a_table_never_mixes_in_items_of_an_edited_prompt_file_or_of_an_older_runner(planted_run):
+    config, out = planted_run
+    with open(config.prompts_path) as handle:
+        text = handle.read()
+    with open(config.prompts_path, "w") as handle:
+        handle.write(text.replace("p3,3", "p3 edited,3"))  # the images of prompt 3 are now of another prompt
+    record_path = runner.score_path(out, config.rows[0], protocol.read_prompts(config.prompts_path, config.cfg)[0])
+    record = json.load(open(record_path))
+    runner.atomic_write_json(record_path, {k: v for k, v in record.items() if k != "item_key"})
+    with pytest.raises(protocol.ConfigError, match="3 items were made from other inputs.*base/00000 \\(no item "
+                                                   "identity.*base/00003 "
+                                                   "\\(prompt text, seed, guidance"):
+        report.compute_results(config, out)
+
+
+def test_a_table_never_mixes_two_versions_of_a_model(planted_run):
+    config, out = planted_run
+    row, prompt = config.rows[1], protocol.read_prompts(config.prompts_path, config.cfg)[4]
+    identity = planted_identity(config, row, prompt, checkpoint_sha256="retrained")  # e.g. a shard run later
+    runner.save_item_image(runner.image_path(out, row, prompt), png_bytes(np.zeros((64, 64, 3), np.uint8)), identity)
+    record = json.load(open(runner.score_path(out, row, prompt)))
+    runner.atomic_write_json(runner.score_path(out, row, prompt), {**record, **runner.item_record(config, row, prompt, identity)})
+    with pytest.raises(protocol.ConfigError, match="different versions of \\['checkpoints:m.safetensors'\\]"):
+        report.compute_results(config, out)
+
+
+def test_merge_compares_pixels_and_identity_not_png_metadata(planted_run, tmp_path):
+    config, out = planted_run
+    row, prompt = config.rows[0], protocol.read_prompts(config.prompts_path, config.cfg)[0]
+    identity = planted_identity(config, row, prompt)
+    other = tmp_path / "other-shard"
+    runner.claim_run_dir(str(other), config)
+    image = runner.image_path(str(other), row, prompt)
+    same_pixels = np.full((64, 64, 3), 0, np.uint8)  # prompt 0 of Base is shade 0 in the planted run
+    runner.save_item_image(image, png_bytes(same_pixels, prompt='{"save": "another prefix"}'), identity)
+    assert open(image, "rb").read() != open(runner.image_path(out, row, prompt), "rb").read()
+    assert runner.merge_run_dirs(config, out, [str(other)]) == {"copied": 0, "already_present": 1}
+    other_pixels = same_pixels.copy()
+    other_pixels[0, 0] = 1
+    runner.save_item_image(image, png_bytes(other_pixels), identity)
+    with pytest.raises(protocol.ConfigError, match="different images of the same item"):
+        runner.merge_run_dirs(config, out, [str(other)])
+    runner.save_item_image(image, png_bytes(same_pixels), planted_identity(config, row, prompt, "retrained"))
+    with pytest.raises(protocol.ConfigError, match="made from different inputs \\(checkpoints:m.safetensors changed"):
+        runner.merge_run_dirs(config, out, [str(other)])

@@ -142,16 +142,27 @@ class GraphRunner:
         else:  # 0.3.64
             self.executor = execution.PromptExecutor(self.sink, cache_type=False)
 
+    def validate(self, graph: dict) -> tuple[list[str], list[str]]:
+        """ComfyUI's own validation of a graph, nothing executed: (problems as readable lines, e.g.
+        ``KSampler node 'sample': Value not in list: sampler_name: 'eulr' not in (...)``, output node ids)."""
+        ok, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), graph, None))
+        problems = [f"{failed['class_type']} node '{node_id}': {reason['message']}: {reason['details']}"
+                    for node_id, failed in node_errors.items() for reason in failed["errors"]]
+        if not ok and not problems:
+            problems = [f"{error['message']}: {error['details']}"]
+        return problems, outputs
+
     def run(self, graph: dict, outputs: list[str] | None = None) -> dict:
         """Run one graph; return ComfyUI's ``history_result['outputs']``. Raises GraphError with ComfyUI's
         report when the graph is invalid or a node fails."""
-        prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(self.execution.validate_prompt(prompt_id, graph, None))
-        if not valid[0]:
-            raise GraphError(f"ComfyUI rejected the graph: {valid[1]} {valid[3]}")
+        problems, valid_outputs = self.validate(graph)
+        if problems:
+            raise GraphError("ComfyUI rejected the graph: " + "; ".join(problems))
         self.sink.messages.clear()
-        self.executor.execute(graph, prompt_id, {}, outputs if outputs is not None else valid[2])
+        self.executor.execute(graph, str(uuid.uuid4()), {}, outputs if outputs is not None else valid_outputs)
         errors = [data for event, data in self.sink.messages if event == "execution_error"]
         if not self.executor.success or errors:
-            raise GraphError(f"graph failed: {errors}")
+            raise GraphError("graph failed: " + ("; ".join(
+                f"{e.get('node_type')} node '{e.get('node_id')}': {e.get('exception_type')}: "
+                f"{e.get('exception_message')}" for e in errors) or "ComfyUI sent no error message"))
         return self.executor.history_result["outputs"]
