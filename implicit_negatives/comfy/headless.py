@@ -158,9 +158,9 @@ class GraphRunner:
         problems, valid_outputs = self.validate(graph)
         if problems:
             raise GraphError("ComfyUI rejected the graph: " + "; ".join(problems))
-        self.sink.messages.clear()
         self.executor.execute(graph, str(uuid.uuid4()), {}, outputs if outputs is not None else valid_outputs)
-        errors = [data for event, data in self.sink.messages if event == "execution_error"]
+        # ComfyUI sends messages to the server only for a client; it records every one in status_messages.
+        errors = [data for event, data in self.executor.status_messages if event == "execution_error"]
         if not self.executor.success or errors:
             raise GraphError("graph failed: " + ("; ".join(
                 f"{e.get('node_type')} node '{e.get('node_id')}': {e.get('exception_type')}: "
