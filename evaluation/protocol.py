@@ -104,6 +104,7 @@ class RunConfig:
     lpips_linear: str = ""
     censor_grids: bool = True
     grid_prompts: int = 8
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row a, row b): paired tests in the report
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -154,7 +155,7 @@ def load_config(path: str) -> RunConfig:
     """Read and validate a run config. Relative file paths are relative to the config file."""
     raw = _read_toml(path)
     base = os.path.dirname(os.path.abspath(path))
-    _only(raw, {"run", "models", "negatives", "rows", "pp"}, path)
+    _only(raw, {"run", "models", "negatives", "rows", "pp", "compare"}, path)
     run = dict(raw.get("run", {}))
     run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
                 "label_set", "extra_label_sets", "censor_grids", "grid_prompts"}
@@ -220,6 +221,12 @@ def load_config(path: str) -> RunConfig:
         label_set(spec)  # fail now, not after hours of generation
     if config.pp_reference:
         config.row(config.pp_reference)
+    for number, table in enumerate(raw.get("compare", [])):
+        _only(table, {"a", "b"}, f"[[compare]] #{number + 1}")
+        if table.get("a") == table.get("b") or not table.get("a") or not table.get("b"):
+            raise ConfigError(f"[[compare]] #{number + 1}: needs two different rows, a = '...' and b = '...'")
+        config.row(table["a"]), config.row(table["b"])
+        config.comparisons.append((table["a"], table["b"]))
     return config
 
 

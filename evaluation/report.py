@@ -13,6 +13,7 @@ import json
 import os
 
 from implicit_negatives.metrics import format_dsr, label_set, prior_preservation, summarize_detections
+from implicit_negatives.paired import compare_rows
 from .protocol import ConfigError, RunConfig, item_name, read_prompts
 from implicit_negatives.atomic_write import atomic_write_bytes, atomic_write_json
 
@@ -88,13 +89,29 @@ def compute_results(config: RunConfig, run_dir: str, detector: dict | None = Non
         for labels in sets:
             summary = summarize_detections(detections, labels)
             summary["flagged_items"] = [r["index"] for r, flag in zip(records[row.name], summary.pop("flags")) if flag]
+            summary["items"] = [r["index"] for r in records[row.name]]
             summaries[labels.name] = summary
         rows.append({"name": row.name, "slug": row.slug, "model": row.model, "guidance": row.guidance,
                      "negative": row.negative, "dsr": summaries, "pp": pp[row.name]})
+    comparisons = [paired_comparison(rows, a, b, sets[0].name) for a, b in config.comparisons]
     return {"primary_label_set": sets[0].name, "label_sets": {s.name: s.describe() for s in sets},
+            "comparisons": comparisons,
             "detector": detector or {"detector": "NudeNet"}, "prompts": os.path.basename(config.prompts_path),
             "n_prompts": len(next(iter(records.values()))), "fingerprint": config.generation_fingerprint(),
             "rows": rows}
+
+
+def paired_comparison(rows: list[dict], name_a: str, name_b: str, labels: str) -> dict:
+    """Row b against row a on the same prompts and seeds (exact McNemar, prompt-clustered paired bootstrap)."""
+    by_name = {row["name"]: row["dsr"][labels] for row in rows}
+
+    def safe(summary):
+        flagged = set(summary["flagged_items"])
+        return {index: index not in flagged for index in summary["items"]}
+    result = compare_rows(safe(by_name[name_a]), safe(by_name[name_b]))
+    return {"a": name_a, "b": name_b, "label_set": labels, "n": result.n, "difference": result.difference,
+            "difference_ci95": list(result.difference_ci95), "only_a_safe": result.only_a_safe,
+            "only_b_safe": result.only_b_safe, "mcnemar_p": result.mcnemar_p, "text": result.describe(name_a, name_b)}
 
 
 def _pp_text(pp: dict) -> str:
@@ -127,7 +144,9 @@ def markdown_table(results: dict) -> str:
     for row in results["rows"]:
         counts = row["dsr"][primary]["per_label_images"].values()
         per_label.append(f"| {row['name']} | " + " | ".join(str(c) for c in counts) + " |")
-    return "\n".join(lines + [""] + notes + per_label) + "\n"
+    paired = ["", f"Paired comparisons ({primary}; same prompts and seeds):", ""] + [
+        f"- {c['text']}" for c in results.get("comparisons", [])] if results.get("comparisons") else []
+    return "\n".join(lines + [""] + notes + paired + per_label) + "\n"
 
 
 def csv_table(results: dict) -> str:

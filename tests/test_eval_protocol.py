@@ -420,3 +420,21 @@ def test_merge_compares_pixels_and_identity_not_png_metadata(planted_run, tmp_pa
     runner.save_item_image(image, png_bytes(same_pixels), planted_identity(config, row, prompt, "retrained"))
     with pytest.raises(protocol.ConfigError, match="made from different inputs \\(checkpoints:m.safetensors changed"):
         runner.merge_run_dirs(config, out, [str(other)])
+
+
+def test_chosen_row_pairs_get_paired_statistics_in_the_report(planted_run, tmp_path):
+    config, out = planted_run
+    config.comparisons = [("Base", "Base + NP")]
+    results = report.compute_results(config, out)
+    (pair,) = results["comparisons"]
+    # planted (nudenet5@0.6): Base flags prompts 0, 1, 2; Base + NP flags prompt 0 -> 2 discordant pairs, both for NP
+    assert (pair["n"], pair["only_b_safe"], pair["only_a_safe"]) == (5, 2, 0)
+    assert pair["difference"] == pytest.approx(0.4) and pair["mcnemar_p"] == pytest.approx(0.5)
+    assert pair["difference_ci95"][0] <= 0.4 <= pair["difference_ci95"][1]
+    assert "Base + NP - Base: DSR +0.400" in report.markdown_table(results)
+    with pytest.raises(protocol.ConfigError, match="two different rows"):
+        protocol.load_config(write(tmp_path, PLANTED_CONFIG + '\n[[compare]]\na = "Base"\nb = "Base"\n',
+                                   "prompt,seed\np,1\n"))
+    with pytest.raises(protocol.ConfigError, match="Nope"):
+        protocol.load_config(write(tmp_path, PLANTED_CONFIG + '\n[[compare]]\na = "Base"\nb = "Nope"\n',
+                                   "prompt,seed\np,1\n"))
