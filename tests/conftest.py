@@ -80,3 +80,21 @@ def pack_module(pack):
     """The pack's root package as ComfyUI imported it; reach node modules with
     ``importlib.import_module(pack_module.__name__ + ".nodes.sld_nodes")``."""
     return headless.load_pack()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_comfyui_folders():
+    """ComfyUI's model folders and output directory are process-global; a test module (e.g. the runner's, which
+    puts a config's folders first) must not change where a later module's nodes read or write."""
+    folder_paths = sys.modules.get("folder_paths")
+    if folder_paths is None:
+        yield
+        return
+    saved = {name: (list(paths), extensions) for name, (paths, extensions) in folder_paths.folder_names_and_paths.items()}
+    output, temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    yield
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()
+    folder_paths.set_output_directory(output)
+    folder_paths.set_temp_directory(temp)
