@@ -211,7 +211,7 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(cli, 
     env = dict(os.environ, COMFYUI_PATH=headless.locate_comfyui(development_copy=True)[0])
     rng = random.Random(KILL_SEED)
     points = sorted((rng.randrange(3), rng.random()) for _ in range(KILL_POINTS))
-    saved_steps = []
+    saved_steps, left_behind = [], []
     for k, fraction in points:
         record = work / "run.json"
         recorded_at = record.stat().st_mtime_ns if record.exists() else None
@@ -228,10 +228,12 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(cli, 
         assert process.returncode in (0, -signal.SIGKILL), stderr.decode()[-2000:]
         assert_complete_files(work, target)
         saved_steps.append(state_step(work / "state.pt"))
+        left_behind.append(sum(p.endswith(".partial") for p in partial_files(work, target.parent)))
         if process.returncode == 0:  # finished before its kill point
             break
     assert saved_steps == sorted(saved_steps)  # a resume never loses saved progress
-    print(f"\nkill points {[(k, round(f, 2)) for k, f in points]}: saved steps after each kill {saved_steps}")
+    print(f"\nkill points {[(k, round(f, 2)) for k, f in points]}: saved step after each kill {saved_steps}, "
+          f"half-written files left {left_behind}")
 
     assert cli.main(args + ["--resume"]) == 0
     resumed = load_embedding(str(target)).vectors["clip_l"]
