@@ -139,6 +139,29 @@ def caption_parts(caption: str) -> tuple[str, str]:
     return before, after
 
 
+NORM_FACTOR = 10.0  # "far outside": a learned vector 10x longer (or shorter) than every word's embedding
+
+
+def norm_warning(vectors: torch.Tensor, token_table: torch.Tensor, factor: float = NORM_FACTOR) -> str:
+    """"" when every learned vector's L2 norm lies within the token table's range widened by ``factor``
+    ([min / factor, max * factor] over its finite, non-zero rows); otherwise a warning naming the norms.
+
+    vectors: (N, D); token_table: (vocab, D). A vector far outside that range is not something the text
+    encoder was ever trained on (e.g. a learning rate of 1e6 gives norms around 1e7): it usually means the
+    training diverged, and the embedding dominates any prompt it is put in.
+    """
+    rows = token_table.detach().float().norm(dim=1)
+    rows = rows[torch.isfinite(rows) & (rows > 0)]
+    if rows.numel() == 0:
+        return ""
+    low, high = float(rows.min()), float(rows.max())
+    norms = vectors.detach().float().norm(dim=1).tolist()
+    if all(low / factor <= n <= high * factor for n in norms):
+        return ""
+    return (f"learned vector norms {', '.join(f'{n:.3g}' for n in norms)} lie far outside the token embeddings' "
+            f"{low:.3g}..{high:.3g}: the training probably diverged; retrain with a lower learning rate")
+
+
 # --------------------------------------------------------------------------- the loop
 
 

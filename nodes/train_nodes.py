@@ -17,7 +17,9 @@ from comfy_api.latest import io
 import comfy.utils
 
 from implicit_negatives.comfy import inversion as ci
-from implicit_negatives.comfy.training import RunSources, embedding_metadata, run_metadata, train_embedding
+from implicit_negatives.comfy.training import (
+    LEARNING_RATE_RANGE, RunSources, embedding_metadata, run_metadata, train_embedding,
+)
 from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
 from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig
 
@@ -56,7 +58,8 @@ class TrainImplicitNegative(io.ComfyNode):
                 io.String.Input("name", default="implicit-negative",
                                 tooltip="File name in the embeddings folder (NAME.safetensors)."),
                 io.Int.Input("steps", default=3000, min=1, max=100000, tooltip="Optimisation steps (paper: 3000)."),
-                io.Float.Input("learning_rate", default=0.005, min=0.00001, max=1.0, step=0.0001,
+                io.Float.Input("learning_rate", default=0.005, min=LEARNING_RATE_RANGE[0], max=LEARNING_RATE_RANGE[1],
+                               step=0.0001,
                                tooltip="Adam learning rate (paper: 0.005)."),
                 io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Tokens in the embedding (paper: 1)."),
                 io.String.Input("init_word", default="person", tooltip="Word whose embedding starts the vectors."),
@@ -100,11 +103,13 @@ class TrainImplicitNegative(io.ComfyNode):
         run = run_metadata(model, clip, sources, config, init_word=init_word, templates=templates,
                            resolution=resolution, num_images=latents.shape[0], concept=concept,
                            precision=trained.precision)
-        metadata = embedding_metadata(run, trained.losses, steps, trained.loss_scale)
+        metadata = embedding_metadata(run, trained.losses, steps, trained.loss_scale, trained.warning)
         key, vectors = trained.embedding_key, trained.vectors
         save_embedding(destination, {key: vectors}, metadata)
         stem = os.path.splitext(os.path.basename(destination))[0]
         negative = ImplicitNegative(name=stem, embedding=Embedding(vectors={key: vectors}, metadata=metadata,
                                                                    source=destination))
         summary = f"saved {os.path.basename(destination)}: {steps} steps, final loss {metadata['loss']}"
+        if trained.warning:
+            summary += f"\nWARNING: {trained.warning}"
         return io.NodeOutput(negative, ui={"text": [summary]})

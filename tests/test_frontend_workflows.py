@@ -38,7 +38,8 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
-        "TrainImplicitNegative": {"steps": 2, "resolution": 64},
+        # The workflow ships with overwrite = false; here its API twin and its UI form train the same name.
+        "TrainImplicitNegative": {"steps": 2, "resolution": 64, "overwrite": True},
         "ImageScale": {"width": 64, "height": 64},  # negation images at the tiny latent's size
         # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
         "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},

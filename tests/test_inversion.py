@@ -8,7 +8,7 @@ import torch
 from implicit_negatives.cfg import eps_from_denoised
 from implicit_negatives.inversion import (
     CAPTION_TEMPLATES, InversionConfig, caption_parts, denoising_loss, invert_concept,
-    load_state, sample_timesteps, save_state, step_generator, step_seed,
+    load_state, norm_warning, sample_timesteps, save_state, step_generator, step_seed,
 )
 
 
@@ -119,3 +119,16 @@ def test_caption_parts():
     with pytest.raises(ValueError):
         caption_parts("{} and {}")
     assert all("{}" in t for family in CAPTION_TEMPLATES.values() for t in family)
+
+
+def test_norm_warning_flags_vectors_far_outside_the_token_tables_range():
+    rows = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    table = rows * torch.linspace(0.2, 0.6, 50)[:, None]  # row norms 0.2 .. 0.6 (CLIP-L's are of this order)
+    table[3] = float("nan")  # uninitialised rows are ignored
+    table[4] = 0.0  # so is an all-zero padding row
+    direction = rows[:1]
+    assert norm_warning(direction * 0.4, table) == ""
+    assert norm_warning(direction * 5.9, table) == "" and norm_warning(direction * 0.021, table) == ""
+    assert "norms 6.1 lie far outside the token embeddings' 0.2..0.6" in norm_warning(direction * 6.1, table)
+    assert "norms 0.4, 0.019 lie far outside" in norm_warning(torch.cat([direction * 0.4, direction * 0.019]), table)
+

@@ -1,7 +1,10 @@
 """``python -m trainer`` on the tiny SD1.5 checkpoint: weight layouts, end-to-end output, kill + resume."""
 
 import importlib
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,30 +151,224 @@ def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted
     assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(cli, run_inputs, uninterrupted, tmp_path):
-    """SIGKILL the CLI after its first checkpoint; --resume then reproduces the uninterrupted embedding."""
+# --------------------------------------------------------------------------- nothing silent, nothing lost
+
+# The issue asks for 10 random kill points; CI runs fewer (each costs a trainer start-up): set
+# IMPLICIT_NEGATIVES_KILL_POINTS=10 for the full test, IMPLICIT_NEGATIVES_KILL_SEED to draw other points.
+KILL_POINTS = int(os.environ.get("IMPLICIT_NEGATIVES_KILL_POINTS", "3"))
+KILL_SEED = int(os.environ.get("IMPLICIT_NEGATIVES_KILL_SEED", "0"))
+
+
+def with_option(args, option, value=None):
+    """``args`` with ``option`` set to ``value`` (added when absent), or removed with its value when None."""
+    args = list(args)
+    if option in args:
+        at = args.index(option)
+        del args[at:at + 2]
+    return args + ([option, value] if value is not None else [])
+
+
+def state_step(path) -> int:
+    return load_state(str(path))["step"] if os.path.exists(path) else 0
+
+
+def assert_complete_files(work, target):
+    """Every file under its final name is whole: it loads (a killed atomic write leaves only a *.partial)."""
+    from safetensors.torch import load_file
+    if (work / "state.pt").exists():
+        load_state(str(work / "state.pt"))
+    for name in os.listdir(work):
+        if name == "checkpoint.safetensors":
+            load_embedding(str(work / name))
+        elif name.startswith("latents-") and name.endswith(".safetensors"):
+            load_file(str(work / name))
+        elif name == "run.json":
+            json.loads((work / name).read_text())
+        elif name == "loss.csv":
+            rows = (work / name).read_text().splitlines()
+            assert rows[0] == "step,loss,ema" and all(len(r.split(",")) == 3 for r in rows)
+    if target.exists():
+        load_embedding(str(target))
+
+
+def partial_files(*folders):
+    return [os.path.join(f, n) for folder in folders for f, _, names in os.walk(folder) for n in names
+            if n.endswith(".partial") or n.endswith(".lock")]
+
+
+def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(cli, run_inputs, uninterrupted, tmp_path,
+                                                                          capsys):
+    """SIGKILL ``python -m trainer`` at random points of its run, resuming each time; the last resume finishes
+    with the uninterrupted run's vectors and losses (bit for bit), and no partial file is left anywhere.
+
+    A kill point is (step k, fraction f): once this process has passed its checks (written run.json) and the
+    saved state has reached step k, wait f seconds (about one tiny step) and kill: inside a step, a
+    checkpoint write, the model load or the latent encoding.
+    """
     folder, base = run_inputs
-    target = tmp_path / "resumed.safetensors"
-    work = tmp_path / "work_b"
+    target, work = tmp_path / "out" / "resumed.safetensors", tmp_path / "work"
     args = base + ["--output", str(target), "--work-dir", str(work), "--no-preview"]
-    comfy_path, _ = headless.locate_comfyui(development_copy=True)
-    env = dict(os.environ, COMFYUI_PATH=comfy_path)
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=headless.PACK_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    state_path = work / "state.pt"
-    while not state_path.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
-    assert state_path.exists(), stderr.decode()[-2000:]
-    killed_at = load_state(str(state_path))["step"]
-    assert 1 <= killed_at < 3 and not target.exists()  # never a partial output at the destination
+    env = dict(os.environ, COMFYUI_PATH=headless.locate_comfyui(development_copy=True)[0])
+    rng = random.Random(KILL_SEED)
+    points = sorted((rng.randrange(3), rng.random()) for _ in range(KILL_POINTS))
+    saved_steps, left_behind = [], []
+    for k, fraction in points:
+        record = work / "run.json"
+        recorded_at = record.stat().st_mtime_ns if record.exists() else None
+        resume = ["--resume"] if record.exists() else []
+        process = subprocess.Popen([sys.executable, "-m", "trainer", *args, *resume], cwd=headless.PACK_ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while process.poll() is None and time.time() < deadline and not (
+                record.exists() and record.stat().st_mtime_ns != recorded_at and state_step(work / "state.pt") >= k):
+            time.sleep(0.02)
+        time.sleep(fraction)
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate()
+        assert process.returncode in (0, -signal.SIGKILL), stderr.decode()[-2000:]
+        assert_complete_files(work, target)
+        saved_steps.append(state_step(work / "state.pt"))
+        left_behind.append(sum(p.endswith(".partial") for p in partial_files(work, target.parent)))
+        if process.returncode == 0:  # finished before its kill point
+            break
+    assert saved_steps == sorted(saved_steps)  # a resume never loses saved progress
+    print(f"\nkill points {[(k, round(f, 2)) for k, f in points]}: saved step after each kill {saved_steps}, "
+          f"half-written files left {left_behind}")
 
     assert cli.main(args + ["--resume"]) == 0
     resumed = load_embedding(str(target)).vectors["clip_l"]
     assert torch.equal(resumed, load_embedding(str(uninterrupted[0])).vectors["clip_l"])
-    assert load_state(str(state_path))["losses"].tolist() == load_state(str(uninterrupted[1] / "state.pt"))["losses"].tolist()
+    assert load_state(str(work / "state.pt"))["losses"].tolist() == \
+        load_state(str(uninterrupted[1] / "state.pt"))["losses"].tolist()
+    assert partial_files(work, target.parent) == []
+
+
+def test_rerun_without_resume_refuses_to_overwrite_progress_and_restart_starts_over(cli, run_inputs, uninterrupted,
+                                                                                    tmp_path):
+    folder, base = run_inputs
+    work = tmp_path / "work"
+    shutil.copytree(uninterrupted[1], work)
+    target = tmp_path / "again.safetensors"
+    args = base + ["--output", str(target), "--work-dir", str(work), "--no-preview"]
+    saved = (work / "state.pt").read_bytes()
+    with pytest.raises(SystemExit, match="holds a run at step 3 of 3: rerun with --resume .* --restart"):
+        cli.main(args)
+    assert (work / "state.pt").read_bytes() == saved and not target.exists()
+    with pytest.raises(SystemExit, match="--resume continues .* --restart discards"):
+        cli.main(args + ["--resume", "--restart"])
+    assert cli.main(args + ["--restart"]) == 0  # a fresh run: the same result as the first one
+    assert not (work / "preview-final.png").exists()  # the old run's files are gone
+    assert torch.equal(load_embedding(str(target)).vectors["clip_l"],
+                       load_embedding(str(uninterrupted[0])).vectors["clip_l"])
+
+
+def test_resume_refuses_a_run_with_other_models_data_or_settings(cli, run_inputs, uninterrupted, tmp_path):
+    folder, base = run_inputs
+    work = tmp_path / "work"
+    shutil.copytree(uninterrupted[1], work)
+    args = base + ["--output", str(tmp_path / "x.safetensors"), "--work-dir", str(work), "--resume"]
+    images = tmp_path / "images"
+    shutil.copytree(folder / "images", images)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(images / "0.png")
+    (images / "1.txt").write_text("a blue {} on a table")
+    for changed, expected in ((with_option(args, "--init-word", "dog"), "init_word"),
+                              (with_option(args, "--steps", "5"), "steps"),
+                              (with_option(args, "--templates", "style"), "templates"),
+                              (with_option(args, "--unet"), "unet"),
+                              (with_option(args, "--images", str(images)), "captions, images")):
+        with pytest.raises(SystemExit, match=f"holds a run with other {expected}\\. Resume it with its own command"):
+            cli.main(changed)
+    assert state_step(work / "state.pt") == 3
+
+
+def test_two_runs_never_share_a_work_folder_or_an_output(cli, run_inputs, tmp_path, capsys):
+    import folder_paths
+    from trainer.workdir import default_work_dir
+    folder, base = run_inputs
+    target, work = tmp_path / "shared.safetensors", tmp_path / "work"
+    args = base + ["--output", str(target), "--work-dir", str(work), "--resume"]
+    holder_code = ("import sys; from implicit_negatives.run_lock import run_lock\n"
+                   "with run_lock(sys.argv[1], 'another run'):\n    print('held', flush=True); sys.stdin.read()\n")
+    for lock, refused in ((work / "run.lock", f"work folder {work} is in use by a running trainer"),
+                          (tmp_path / ".shared.safetensors.lock", f"output {target} is in use by a running trainer")):
+        holder = subprocess.Popen([sys.executable, "-c", holder_code, str(lock)], cwd=headless.PACK_ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        other_work = with_option(args, "--work-dir", str(tmp_path / "other-work"))
+        with pytest.raises(SystemExit, match=f"{refused} \\(pid {holder.pid} "):
+            cli.main(args if lock.name == "run.lock" else other_work)
+        holder.send_signal(signal.SIGKILL)  # dies holding it: the next run takes the lock over and says so
+        holder.wait()
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match="holds no run record"):  # stops right after taking the locks
+            cli.main(args)
+        assert f"took over the lock of a run that is no longer running (pid {holder.pid} " in capsys.readouterr().out
+    assert partial_files(work, tmp_path / "other-work") == [] and not (tmp_path / ".shared.safetensors.lock").exists()
+
+    root = os.path.join(folder_paths.get_output_directory(), "implicit_negative_training")
+    a = default_work_dir(root, str(tmp_path / "a" / "x.safetensors"))
+    b = default_work_dir(root, str(tmp_path / "x.safetensors"))
+    assert a != b and os.path.basename(a).startswith("x-") and os.path.dirname(a) == root
+
+
+def test_settings_that_cannot_train_are_refused_before_anything_loads(cli, run_inputs, tmp_path):
+    folder, base = run_inputs
+    args = base + ["--output", str(tmp_path / "x.safetensors"), "--work-dir", str(tmp_path / "work")]
+    for option, value, message in (("--steps", "0", "steps must be at least 1"),
+                                   ("--learning-rate", "nan", "learning rate nan is outside"),
+                                   ("--learning-rate", "1e6", "learning rate 1000000.0 is outside"),
+                                   ("--learning-rate", "-0.01", "is outside")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(with_option(args, option, value))
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "work").exists()
+
+
+def test_images_are_checked_before_the_model_loads(cli, run_inputs, tmp_path):
+    folder, base = run_inputs
+    images = tmp_path / "images"
+    shutil.copytree(folder / "images", images)
+    (images / "2.png").write_bytes(b"\x89PNG broken")
+    (images / "._0.png").write_bytes(b"AppleDouble")  # ignored: macOS metadata, not an image
+    not_a_checkpoint = tmp_path / "not-a-checkpoint.safetensors"
+    not_a_checkpoint.write_bytes(b"")  # loading it would fail: the images must be refused first
+    args = with_option(with_option(base, "--images", str(images)), "--checkpoint", str(not_a_checkpoint))
+    with pytest.raises(SystemExit, match=r"1 of 3 files in .* cannot be used:\n  2\.png: cannot read it"):
+        cli.main(args + ["--output", str(tmp_path / "x.safetensors")])
+
+
+def test_a_mistyped_prompt_file_is_an_error_not_a_prompt(cli, tiny_checkpoint, tmp_path):
+    checkpoint = os.path.join(*tiny_checkpoint)
+    with pytest.raises(SystemExit, match="prompt file not found: .*promts.txt"):
+        cli.main(["--checkpoint", checkpoint, "--generate-from", checkpoint, "--generate-prompts",
+                  str(tmp_path / "promts.txt"), "--output", str(tmp_path / "x.safetensors")])
+
+
+def test_the_readme_quick_start_command_works_as_typed(cli, tiny_checkpoint, tiny_sd15, embeddings_dir, tmp_path,
+                                                       monkeypatch):
+    """The README's step 2, run from a folder holding ./nudity_images, with its model files in ComfyUI's
+    folders (the tiny checkpoint as sd-v1-4.safetensors, a small LoRA as duo-nudity.safetensors)."""
+    import shlex
+    import folder_paths
+    readme = open(os.path.join(headless.PACK_ROOT, "README.md"), encoding="utf-8").read()
+    command = readme.split("## Quick start", 1)[1].split("```", 2)[1]
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:4] == ["COMFYUI_PATH=~/ComfyUI", "python", "-m", "trainer"]
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    os.symlink(os.path.join(*tiny_checkpoint), models / "checkpoints" / "sd-v1-4.safetensors")
+    (models / "loras").mkdir()
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(1, 320) * 0.01,
+               f"{name}.lora_up.weight": torch.randn(320, 1) * 0.01, f"{name}.alpha": torch.tensor(1.0)},
+              str(models / "loras" / "duo-nudity.safetensors"))
+    folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"))
+    folder_paths.add_model_folder_path("loras", str(models / "loras"))
+    (tmp_path / "nudity_images").mkdir()
+    Image.new("RGB", (64, 64), (200, 120, 90)).save(tmp_path / "nudity_images" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv[4:] + ["--steps", "1", "--resolution", "64", "--no-preview"]) == 0
+    meta = load_embedding(str(embeddings_dir / "nudity-duo.safetensors")).metadata  # where the README says
+    assert meta["concept"] == "nudity" and "duo-nudity.safetensors" in meta["unlearned_model"]
 
 
 def test_cli_without_comfyui_says_how_to_point_at_it(tmp_path):
@@ -192,11 +389,12 @@ def test_cli_generates_its_data_from_a_reference_model(cli, tiny_checkpoint, tmp
     prompts.write_text("a photo of a cat\n\na photo of a dog\n")
     work = tmp_path / "work"
     assert cli.main(["--checkpoint", checkpoint, "--generate-from", checkpoint, "--generate-prompts", str(prompts),
-                     "--generate-count", "1", "--generate-steps", "2", "--resolution", "64", "--steps", "1",
-                     "--no-preview", "--output", str(tmp_path / "gen.safetensors"), "--work-dir", str(work)]) == 0
-    assert sorted(os.listdir(work / "generated")) == ["generated_000_000.png", "generated_001_000.png"]
+                     "--generate-prompt", "a photo of a bird", "--generate-count", "1", "--generate-steps", "2",
+                     "--resolution", "64", "--steps", "1", "--no-preview",
+                     "--output", str(tmp_path / "gen.safetensors"), "--work-dir", str(work)]) == 0
+    assert sorted(os.listdir(work / "generated")) == [f"generated_00{i}_000.png" for i in range(3)]
     meta = load_embedding(str(tmp_path / "gen.safetensors")).metadata
-    assert "generated by" in meta["training"] and '"images": 2' in meta["training"]
+    assert "generated by" in meta["training"] and '"images": 3' in meta["training"]
     with pytest.raises(SystemExit, match="exactly one of"):
         cli.main(["--checkpoint", checkpoint, "--output", str(tmp_path / "x.safetensors")])
 

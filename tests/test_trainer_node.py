@@ -68,7 +68,7 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
     model, clip, vae = executor_model
     data = importlib.import_module("trainer.data")
     cli = importlib.import_module("trainer.cli")
-    images, _, _ = data.load_image_folder(str(concept_images), 64)
+    images = data.load_image_folder(str(concept_images), 64).images
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     with torch.inference_mode():  # as the executor runs nodes
@@ -102,7 +102,7 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
 def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):
     import comfy.model_management
     data = importlib.import_module("trainer.data")
-    images, _, _ = data.load_image_folder(str(concept_images), 64)
+    images = data.load_image_folder(str(concept_images), 64).images
     model, clip, vae = executor_model
     comfy.model_management.interrupt_current_processing(True)
     try:
@@ -114,8 +114,34 @@ def test_cancel_stops_training_without_output(comfy, pack, executor_model, conce
     assert not any("forward" in m.__dict__ for m in clip.cond_stage_model.modules())
 
 
+def test_a_diverged_embedding_is_saved_with_a_warning(comfy, pack, executor_model, concept_images, embeddings_dir):
+    """lr 1.0 (the widget's maximum) moves every coordinate by ~1 per Adam step: a vector ~28 long, where
+    the tiny CLIP's token rows are under 1 long. The node says so in its output and in the file."""
+    data = importlib.import_module("trainer.data")
+    images = data.load_image_folder(str(concept_images), 64).images
+    model, clip, vae = executor_model
+    with torch.inference_mode():
+        output = pack["TrainImplicitNegative"].execute(
+            model, clip, vae, **node_inputs(images, "diverged", steps=1, learning_rate=1.0))
+    assert "\nWARNING: learned vector norms " in output.ui["text"][0]
+    warning = load_embedding(str(embeddings_dir / "diverged.safetensors")).metadata["warning"]
+    assert "lie far outside the token embeddings'" in warning and warning in output.ui["text"][0]
+
+
 def test_names_that_escape_the_embeddings_folder_are_refused(pack, executor_model, concept_images):
     model, clip, vae = executor_model
     for name in ("../evil", "a/b", ""):
         with pytest.raises(ValueError, match="plain file name"):
             pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(torch.zeros(1, 64, 64, 3), name))
+
+
+def test_the_training_workflow_ships_without_overwrite():
+    """Queueing the shipped workflow twice must not silently replace the first embedding (both forms)."""
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "train_implicit_negative.json")) as handle:
+        api = json.load(handle)
+    assert [n["inputs"]["overwrite"] for n in api.values() if n["class_type"] == "TrainImplicitNegative"] == [False]
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "train_implicit_negative.json")) as handle:
+        (node,) = [n for n in json.load(handle)["nodes"] if n["type"] == "TrainImplicitNegative"]
+    widgets = dict(zip([i["name"] for i in node["inputs"] if "widget" in i], node["widgets_values"]))
+    assert widgets["overwrite"] is False and widgets["name"] == api["5"]["inputs"]["name"]
+

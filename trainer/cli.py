@@ -1,6 +1,7 @@
 """``python -m trainer``: learn an implicit negative against an unlearned model, from the command line.
 
-Reads top to bottom like a training script: arguments, model, data, latents, loop, output.
+Reads top to bottom like a training script: arguments, checks (settings, model files, the work folder's
+locks and run record, every image) before anything heavy, then data, model, latents, loop, output.
 Run ``python -m trainer --help`` for every option; ``__main__.py`` finds ComfyUI first.
 """
 
@@ -18,14 +19,16 @@ import folder_paths
 from implicit_negatives.atomic_write import atomic_path
 from implicit_negatives.comfy import inversion as ci
 from implicit_negatives.comfy.training import (
-    RunSources, embedding_key, embedding_metadata, run_metadata, train_embedding,
+    RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.comfy.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
-from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, load_state, save_state
+from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, save_state
+from implicit_negatives.run_lock import RunLockedError
 
-from .data import generate_images, load_image_folder, read_prompts
+from .data import ImageFolder, TrainingDataError, generate_images, load_image_folder, read_prompts
 from .report import plot_losses, smoothed, write_loss_csv
+from .workdir import claimed, default_work_dir, open_run, sha256_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Concept inversion: learn an implicit negative embedding against an unlearned SD model "
                     "(textual inversion with every weight frozen; defaults are the paper's).")
     model = p.add_argument_group("unlearned model (loaded with ComfyUI's loaders)")
-    model.add_argument("--checkpoint", required=True, help="single-file SD1.x/SD2.x checkpoint (.safetensors/.ckpt)")
+    model.add_argument("--checkpoint", required=True,
+                       help="single-file SD1.x/SD2.x checkpoint (.safetensors/.ckpt): a path, or a file name in "
+                            "ComfyUI's models/checkpoints (likewise --unet in diffusion_models, --lora in loras, "
+                            "--text-encoder in text_encoders)")
     model.add_argument("--unet", help="replacement UNet weights: a full diffusers-key UNet (ESD/UCE/RECE .pt/.bin/"
                                       ".safetensors) or a partial one (new ESD/UCE code), merged as patches")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
@@ -46,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "refusing a file that does not fit the checkpoint completely")
 
     data = p.add_argument_group("data (one of)")
-    data.add_argument("--images", help="folder of concept images; optional same-name .txt captions")
+    data.add_argument("--images", help="folder of concept images; optional same-name .txt captions (UTF-8)")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="train without the images that cannot be used (unreadable, too small, caption not "
+                           "UTF-8), listed by name, instead of stopping")
     data.add_argument("--generate-from", metavar="CHECKPOINT",
                       help="generate the images with this reference checkpoint (e.g. the original SD1.4)")
-    data.add_argument("--generate-prompts", help="prompt, or a text file with one prompt per line")
+    data.add_argument("--generate-prompts", metavar="FILE", help="text file with one prompt per line (must exist)")
+    data.add_argument("--generate-prompt", action="append", default=[], metavar="TEXT",
+                      help="a prompt given literally; repeatable (added after the file's prompts)")
     data.add_argument("--generate-count", type=int, default=25, help="images per prompt (default 25)")
     data.add_argument("--generate-steps", type=int, default=25)
     data.add_argument("--generate-cfg", type=float, default=7.5)
@@ -77,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--concept", default="", help="what the embedding stands for (metadata), e.g. nudity")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     out.add_argument("--work-dir", help="checkpoints, loss log, previews (default: ComfyUI output/"
-                                        "implicit_negative_training/NAME)")
+                                        "implicit_negative_training/<output name>-<hash of the output path>)")
     out.add_argument("--checkpoint-every", type=int, default=250, help="steps between resume checkpoints (0: end only)")
-    out.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in the work dir (refused if models, data or settings changed)")
+    out.add_argument("--restart", action="store_true", help="discard the work dir's progress and start over")
     out.add_argument("--preview-every", type=int, default=0, help="steps between preview images (0: end only)")
     out.add_argument("--preview-prompt", default="a photo of {}", help="positive prompt for previews; {} = embedding")
     out.add_argument("--preview-steps", type=int, default=20)
@@ -136,7 +149,8 @@ def preview(model, clip, vae, vectors, prompt, steps, seed, resolution, path) ->
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
                                       positive, negative, latent, seed=seed, disable_pbar=True)
         pixels = vae.decode(samples).clamp(0, 1)[0].float().cpu().numpy()
-    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+    with atomic_path(path) as temp:
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(temp, format="PNG")
 
 
 class TrainingMonitor:
@@ -180,15 +194,37 @@ class TrainingMonitor:
         self.bar.close()
 
 
-def load_data(args, work_dir):
+MODEL_FOLDERS = {"checkpoint": "checkpoints", "unet": "diffusion_models", "lora": "loras",
+                 "text_encoder": "text_encoders", "generate_from": "checkpoints"}
+
+
+def resolve_model_file(value: str, option: str) -> str:
+    """``value`` as a path when it exists, else the file of that name in ComfyUI's folder for ``option``."""
+    if os.path.exists(value):
+        return os.path.abspath(value)
+    folder = MODEL_FOLDERS[option]
+    found = folder_paths.get_full_path(folder, value)
+    if found is None:
+        raise SystemExit(f"error: --{option.replace('_', '-')} {value}: no such file, neither as a path nor in "
+                         f"ComfyUI's {folder} folders ({', '.join(folder_paths.get_folder_paths(folder))})")
+    return found
+
+
+def read_data(args) -> tuple[ImageFolder | None, list[str]]:
+    """The image folder, read and checked (or the prompts to generate from), before any model loads."""
     if bool(args.images) == bool(args.generate_from):
         raise SystemExit("error: give exactly one of --images FOLDER or --generate-from CHECKPOINT")
     if args.images:
-        images, captions, names = load_image_folder(args.images, args.resolution)
-        return images, captions, f"folder {os.path.abspath(args.images)} ({len(names)} images)"
-    if not args.generate_prompts:
-        raise SystemExit("error: --generate-from needs --generate-prompts")
-    prompts = read_prompts(args.generate_prompts)
+        folder = load_image_folder(args.images, args.resolution, skip_bad=args.skip_bad_images)
+        print(f"[data] {args.images}: {folder.receipt()}")
+        return folder, []
+    prompts = (read_prompts(args.generate_prompts) if args.generate_prompts else []) + args.generate_prompt
+    if not prompts:
+        raise SystemExit("error: --generate-from needs --generate-prompts FILE or --generate-prompt TEXT")
+    return None, prompts
+
+
+def generate_data(args, prompts: list[str], work_dir: str):
     ref_model, ref_clip, ref_vae = load_checkpoint(args.generate_from)
     with torch.no_grad():
         images, captions = generate_images(ref_model, ref_clip, ref_vae, prompts, args.generate_count, args.resolution,
@@ -196,42 +232,79 @@ def load_data(args, work_dir):
                                            os.path.join(work_dir, "generated"))
     del ref_model, ref_clip, ref_vae
     comfy.model_management.unload_all_models()
+    print(f"[data] generated {len(captions)} images from {len(prompts)} prompts")
     return images, captions, f"generated by {os.path.basename(args.generate_from)} from {len(prompts)} prompts"
+
+
+def run_inputs(args, hashes: dict, loras, folder: ImageFolder | None, prompts: list[str], precision: str) -> dict:
+    """What defines a run, for its work folder's fingerprint: models, data, templates, hyper-parameters and
+    the precision it trains in (as resolved on this device: "auto" can mean bf16 here and fp32 elsewhere)."""
+    inputs = {
+        "checkpoint": hashes[args.checkpoint], "unet": hashes.get(args.unet),
+        "loras": [[hashes[path], strength] for path, strength in loras],
+        "text_encoder": hashes.get(args.text_encoder), "allow_partial": args.allow_partial,
+        "templates": list(CAPTION_TEMPLATES[args.templates]),
+        "steps": args.steps, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "num_vectors": args.num_vectors, "init_word": args.init_word, "seed": args.seed,
+        "resolution": args.resolution, "precision": precision,
+    }
+    if folder is not None:
+        inputs["images"] = [[name, sha256_file(os.path.join(args.images, name))] for name in folder.names]
+        inputs["captions"] = folder.captions
+    else:
+        inputs["generated"] = {"from": hashes[args.generate_from], "prompts": prompts, "count": args.generate_count,
+                               "steps": args.generate_steps, "cfg": args.generate_cfg}
+    return inputs
 
 
 def run(args) -> int:
     if args.no_mixed_precision and args.precision not in ("auto", "fp32"):
         raise SystemExit(f"error: --no-mixed-precision (fp32) contradicts --precision {args.precision}")
+    check_settings(args.steps, args.learning_rate)
+    for option in ("checkpoint", "unet", "text_encoder", "generate_from"):
+        if getattr(args, option):
+            setattr(args, option, resolve_model_file(getattr(args, option), option))
+    loras = [(resolve_model_file(path, "lora"), strength) for path, strength in parse_loras(args.lora)]
     destination = output_path(args)
     if os.path.exists(destination) and not (args.overwrite or args.resume):
         raise SystemExit(f"error: {destination} exists; pass --overwrite (or --resume) or choose another --name")
-    work_dir = args.work_dir or os.path.join(folder_paths.get_output_directory(), "implicit_negative_training", args.name)
-    os.makedirs(work_dir, exist_ok=True)
+    folder, prompts = read_data(args)
+    work_dir = args.work_dir or default_work_dir(
+        os.path.join(folder_paths.get_output_directory(), "implicit_negative_training"), destination)
+    with claimed(work_dir, destination):
+        return train(args, loras, folder, prompts, destination, work_dir)
+
+
+def train(args, loras, folder: ImageFolder | None, prompts: list[str], destination: str, work_dir: str) -> int:
+    paths = [args.checkpoint, args.unet, args.text_encoder, args.generate_from] + [path for path, _ in loras]
+    hashes = {path: sha256_path(path) for path in paths if path}  # once: for the fingerprint and the metadata
+    # ComfyUI loads a checkpoint's MODEL onto get_torch_device(): the precision is known before it loads.
+    precision = ci.training_precision("fp32" if args.no_mixed_precision else args.precision,
+                                      comfy.model_management.get_torch_device())
+    inputs = run_inputs(args, hashes, loras, folder, prompts, precision)
+    state = open_run(work_dir, inputs, args.resume, args.restart)
     state_path = os.path.join(work_dir, "state.pt")
 
+    if folder is not None:
+        images, captions = folder.images, folder.captions
+        data_source = f"folder {os.path.abspath(args.images)} ({len(folder.names)} images)"
+    else:
+        images, captions, data_source = generate_data(args, prompts, work_dir)
     try:
-        model, clip, vae, reports = load_unlearned_model(args.checkpoint, args.unet, parse_loras(args.lora),
-                                                         args.text_encoder, folder_paths.get_folder_paths("embeddings"),
+        model, clip, vae, reports = load_unlearned_model(args.checkpoint, args.unet, loras, args.text_encoder,
+                                                         folder_paths.get_folder_paths("embeddings"),
                                                          args.allow_partial)
     except WeightLayoutError as error:
         raise SystemExit(f"error: {error}") from error
     for report in reports:
         print(f"[weights] {report.describe()}")
-    images, captions, data_source = load_data(args, work_dir)
     latents = cached_latents(work_dir, vae, images, args.checkpoint)
     config = InversionConfig(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
                              num_vectors=args.num_vectors, batch_size=args.batch_size)
-    state = None
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise SystemExit(f"error: --resume but no checkpoint at {state_path}")
-        state = load_state(state_path)
-        print(f"[resume] from step {state['step']} of {state_path}")
 
-    precision = ci.training_precision("fp32" if args.no_mixed_precision else args.precision, model.load_device)
-    run = run_metadata(model, clip, run_sources(args, reports, data_source), config, init_word=args.init_word,
-                       templates=args.templates, resolution=args.resolution, num_images=len(captions),
-                       concept=args.concept, precision=precision)  # hashes the model files once
+    run = run_metadata(model, clip, run_sources(args, reports, data_source, hashes), config,
+                       init_word=args.init_word, templates=args.templates, resolution=args.resolution,
+                       num_images=len(captions), concept=args.concept, precision=precision)
     monitor = TrainingMonitor(args, work_dir, model, clip, vae, run, start_step=state["step"] if state else 0)
     try:
         trained = train_embedding(model, clip, latents, captions, config, args.init_word, args.templates,
@@ -254,24 +327,28 @@ def run(args) -> int:
     if not args.no_preview:
         monitor.preview(trained.vectors, "preview-final.png")
     digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
-                            embedding_metadata(run, trained.losses, config.steps, trained.loss_scale))
+                            embedding_metadata(run, trained.losses, config.steps, trained.loss_scale, trained.warning))
+    if trained.warning:
+        print(f"[warning] {trained.warning}")
     print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
     return 0
 
 
-def run_sources(args, reports, data_source: str) -> RunSources:
+def run_sources(args, reports, data_source: str, hashes: dict) -> RunSources:
     """The model files (names and sha256) and the data of a CLI run."""
-    hashes = [sha256_file(r.path) for r in reports if os.path.isfile(r.path)]
-    base_hash = sha256_file(args.checkpoint)
+    base_hash = hashes[args.checkpoint]
+    applied = ",".join(hashes.get(r.path) or sha256_path(r.path) for r in reports)  # a folder's report names its file
     return RunSources(base_model=os.path.basename(args.checkpoint), base_model_hash=base_hash,
                       unlearned_model="; ".join(r.describe() for r in reports) or os.path.basename(args.checkpoint),
-                      unlearned_model_hash=",".join(hashes) or base_hash, data=data_source,
-                      trained_in="python -m trainer")
+                      unlearned_model_hash=applied or base_hash, data=data_source, trained_in="python -m trainer")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
-    code = run(args)
+    try:
+        code = run(args)
+    except (TrainingDataError, ci.TrainingSetupError, RunLockedError) as error:
+        raise SystemExit(f"error: {error}") from None
     print(f"[time] {time.time() - started:.1f} s")
     return code

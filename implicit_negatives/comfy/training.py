@@ -11,24 +11,39 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import __version__
-from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept
+from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept, norm_warning
 from ..loss_scale import LossScale
 from . import inversion as ci
 from .clip import clip_fingerprint
 from .model_identity import model_fingerprint
+
+LEARNING_RATE_RANGE = (1e-5, 1.0)  # Adam on token vectors (paper: 5e-3); the node's widget has the same bounds
+
+
+def check_settings(steps: int, learning_rate: float) -> None:
+    """Refuse settings that can only save a useless embedding: no step, or a non-finite or absurd learning rate."""
+    if steps < 1:
+        raise ci.TrainingSetupError(f"steps must be at least 1, got {steps}: with no step the saved 'implicit "
+                                    "negative' would be the init word itself (the paper trains 3000 steps)")
+    low, high = LEARNING_RATE_RANGE
+    if not (math.isfinite(learning_rate) and low <= learning_rate <= high):
+        raise ci.TrainingSetupError(f"learning rate {learning_rate} is outside {low:g}..{high:g}; "
+                                    "the paper uses 0.005 (Adam)")
 
 
 @dataclass
 class TrainedEmbedding:
     """vectors: (N, D) float32 on the CPU; losses: one per step; embedding_key: "clip_l" / "clip_h";
     state: the resume state at the end; precision: "fp32" / "bf16" / "fp16", what it was trained in;
-    loss_scale: the final loss scaling state (fp16), else None."""
+    loss_scale: the final loss scaling state (fp16), else None; warning: "" or why the vectors look broken
+    (``norm_warning``)."""
 
     vectors: torch.Tensor
     losses: list[float]
@@ -36,6 +51,7 @@ class TrainedEmbedding:
     state: dict = field(repr=False)
     precision: str
     loss_scale: Optional[LossScale]
+    warning: str = ""
 
 
 def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optional[str]], config: InversionConfig,
@@ -47,8 +63,10 @@ def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optio
     captions[i]: image i's own caption ("{}" marks the vectors), or None to caption it each step with one
     of the ``templates`` (a ``CAPTION_TEMPLATES`` name). copy_weights, gradient_checkpointing and
     precision go to ``training_modules``; on_step and state to ``invert_concept``, which trains an fp16
-    run with dynamic loss scaling.
+    run with dynamic loss scaling. Refuses the settings ``check_settings`` refuses; warns when the learned
+    vectors' norms are far outside the token table's.
     """
+    check_settings(config.steps, config.learning_rate)
     if len(captions) != latents.shape[0]:
         raise ci.TrainingSetupError(f"{len(captions)} captions for {latents.shape[0]} images")
     with ci.training_modules(model, clip, copy_weights=copy_weights, gradient_checkpointing=gradient_checkpointing,
@@ -61,9 +79,10 @@ def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optio
         init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
         result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state,
                                 loss_scale=modules.loss_scale)
+        warning = norm_warning(result.vectors, modules.encoder.transformer.get_input_embeddings().weight)
         return TrainedEmbedding(vectors=result.vectors.cpu(), losses=result.losses,
                                 embedding_key=modules.embedding_key, state=result.state,
-                                precision=modules.precision, loss_scale=result.loss_scale)
+                                precision=modules.precision, loss_scale=result.loss_scale, warning=warning)
 
 
 def embedding_key(clip) -> str:
@@ -106,11 +125,14 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
 
 
 def embedding_metadata(run: dict, losses: Sequence[float], steps_done: int,
-                       loss_scale: Optional[LossScale] = None) -> dict:
+                       loss_scale: Optional[LossScale] = None, warning: str = "") -> dict:
     """``run_metadata`` plus the progress: steps done, mean loss of the last 100 steps, creation time (UTC),
-    and with loss scaling (fp16) the current loss scale and the steps skipped for an inf/NaN gradient."""
+    with loss scaling (fp16) the current loss scale and the steps skipped for an inf/NaN gradient, and
+    ``warning`` (a ``TrainedEmbedding.warning``) when there is one."""
     tail = list(losses)[-100:]
     scaling = {} if loss_scale is None else {"loss_scale": f"{loss_scale.scale:g}",
                                              "skipped_steps": str(loss_scale.skipped_steps)}
-    return {**run, **scaling, "steps": str(steps_done), "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
+    warned = {"warning": warning} if warning else {}
+    return {**run, **scaling, **warned, "steps": str(steps_done),
+            "loss": f"{sum(tail) / len(tail):.6g}" if tail else "",
             "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
