@@ -15,78 +15,38 @@ measured: the most tensor memory allocated at once during the run, above what wa
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-from implicit_negatives.comfy import headless, rig
+from .sampling_rig import SamplingRig, sampling_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sld_overhead", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="SD1.x/SDXL checkpoint file (default: the tiny random SD1.5 fixture)")
-    parser.add_argument("--full-size", action="store_true",
-                        help="use the test rig's full-size SD1.5 UNet recipe (859.5M params, random weights)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size/8)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: a tiny model only contends with more on a shared CPU)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    nodes = headless.import_comfyui(development_copy=True)
-    headless.load_pack(nodes)
+    args = sampling_arguments("python -m bench.sld_overhead", __doc__.split("\n\n")[0]).parse_args(argv)
+    bench = SamplingRig(args)
+    model, device, checkpoint = bench.model, bench.device, bench.checkpoint
     import comfy.model_management
-    import comfy.sd
-    checkpoint = args.checkpoint or rig.tiny_checkpoint_path(full_size=args.full_size)
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False)
-    encode = nodes.CLIPTextEncode().encode
-    positive, negative = encode(clip, "a photo of a person on a beach")[0], encode(clip, "")[0]
-    safety = encode(clip, "nudity, violence, blood")[0]
-    sld = nodes.NODE_CLASS_MAPPINGS["SafeLatentGuidance"]
+    sld = bench.nodes.NODE_CLASS_MAPPINGS["SafeLatentGuidance"]
     settings = dict(preset="max", warmup_unit="fraction_of_run", sld_guidance_scale=1000.0, sld_warmup_steps=0,
                     sld_warmup_fraction=0.0, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4)
     default = next(i.default for i in sld.define_schema().inputs if i.id == "fast_batched")
     variants = {
         "plain CFG": model,
-        f"SLD default (fast_batched {default})": sld.execute(model, safety, **settings, fast_batched=default).result[0],
-        "SLD separate pass (fast_batched off)": sld.execute(model, safety, **settings, fast_batched=False).result[0],
+        f"SLD default (fast_batched {default})": sld.execute(model, bench.safety, **settings,
+                                                              fast_batched=default).result[0],
+        "SLD separate pass (fast_batched off)": sld.execute(model, bench.safety, **settings,
+                                                             fast_batched=False).result[0],
     }
-    latent = {"samples": torch.zeros(args.batch, 4, args.size // 8, args.size // 8)}
-    device = comfy.model_management.get_torch_device()
+    medians = bench.median_times(variants)
+    memory = {name: peak_working_memory(device, bench.sample, patched) for name, patched in variants.items()}
 
-    def sample(patched) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        nodes.common_ksampler(patched, 0, args.steps, 7.5, args.sampler, "normal", positive, negative, latent,
-                              disable_noise=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for patched in variants.values():  # warm-up: model load, kernels, allocator
-        sample(patched)
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, patched in variants.items():
-            times[name].append(sample(patched))
-
-    memory = {name: peak_working_memory(device, sample, patched) for name, patched in variants.items()}
-
-    plain = statistics.median(times["plain CFG"])
+    plain = medians["plain CFG"]
     print(f"checkpoint {os.path.basename(checkpoint)}, device {device}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps {args.sampler}, {args.size}px, batch {args.batch}, median of {args.repeats}")
     print(f"{'variant':40s} {'median s':>9s} {'ratio':>7s} {'peak MiB':>9s}")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, median in medians.items():
         print(f"{name:40s} {median:9.3f} {median / plain:6.2f}x {memory[name] / 2**20:9.1f}")
     print("floor 1.50x (3 model evaluations instead of 2); target for the default path <= 1.55x")
     estimate = {n: model.model.memory_required([n * args.batch, 4, args.size // 8, args.size // 8]) / 2**20

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -98,3 +99,13 @@ def restore_comfyui_folders():
     folder_paths.filename_list_cache.clear()
     folder_paths.set_output_directory(output)
     folder_paths.set_temp_directory(temp)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules that sample the tiny model (``pytestmark = pytest.mark.usefixtures("one_thread")``): its kernels
+    are too small to share, so extra threads only contend on a loaded CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ CFG = 7.5
 SETTINGS = dict(strength=0.33, start_percent=0.0, end_percent=0.5, bandwidth=3.15)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's kernels are too small to share; extra threads only contend on a loaded CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

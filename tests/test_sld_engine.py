@@ -20,13 +20,7 @@ DEFAULTS = dict(preset="max", warmup_unit="fraction_of_run", sld_guidance_scale=
                 fast_batched=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's kernels are too small to share; extra threads only contend on a loaded CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from implicit_negatives.comfy import headless
 from implicit_negatives.embedding_io import save_embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's kernels are too small to share; extra threads only contend on a loaded CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
