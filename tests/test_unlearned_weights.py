@@ -291,7 +291,10 @@ def test_trainer_lora_flag_applies_duo_and_refuses_a_partial_fit(weights, tiny_c
     state = load_file(path)
     state["unet.not_a_module.lora.down.weight"] = torch.zeros(1)
     save_file(state, path)
-    args = ["--checkpoint", checkpoint, "--lora", path, "--images", str(tmp_path), "--output", str(tmp_path / "x")]
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")  # the images are checked before the model loads
+    args = ["--checkpoint", checkpoint, "--lora", path, "--images", str(tmp_path / "images"), "--resolution", "64",
+            "--output", str(tmp_path / "x")]
     assert cli.build_parser().parse_args(args + ["--allow-partial"]).allow_partial
     with pytest.raises(SystemExit, match=r"error: .*1 of its 49 tensors do not fit .*unet\.not_a_module"):
         cli.main(args)
