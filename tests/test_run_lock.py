@@ -48,3 +48,18 @@ def test_a_clean_holder_leaves_nothing_to_take_over(tmp_path):
     assert holder.returncode == 0 and not path.exists()
     with run_lock(str(path), "output Y") as dead:
         assert dead is None
+
+
+def test_the_next_run_clears_what_a_killed_run_half_wrote(tmp_path, capsys):
+    from trainer.workdir import claimed
+    work, out = tmp_path / "work", tmp_path / "embeddings"
+    (work / "generated").mkdir(parents=True)
+    out.mkdir()
+    left = [work / ".state.pt.k2j1.partial", work / "generated" / ".generated_000_000.png.x9.partial",
+            out / ".mine.safetensors.a1b2.partial"]
+    kept = [out / ".other.safetensors.c3d4.partial", out / "mine.safetensors", work / "state.pt"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    with claimed(str(work), str(out / "mine.safetensors")):
+        assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)  # another name's: not ours
+    assert "removed 3 half-written file(s)" in capsys.readouterr().out

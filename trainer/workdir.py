@@ -48,9 +48,12 @@ def claimed(work_dir: str, destination: str) -> Iterator[None]:
         for what, dead in ((destination, dead_output), (work_dir, dead_work)):
             if dead:
                 print(f"[lock] {what}: took over the lock of a run that is no longer running ({dead})")
-        partials = glob.glob(os.path.join(glob.escape(work_dir), "**", "*" + PARTIAL_SUFFIX), recursive=True)
-        partials += glob.glob(os.path.join(glob.escape(os.path.dirname(destination)),
-                                           f".{glob.escape(os.path.basename(destination))}.*{PARTIAL_SUFFIX}"))
+        # Temporary names start with "." (hidden), which glob skips: walk the folders instead.
+        partials = [os.path.join(folder, name) for folder, _, names in os.walk(work_dir) for name in names
+                    if name.endswith(PARTIAL_SUFFIX)]
+        out_dir, mine = os.path.dirname(destination), f".{os.path.basename(destination)}."
+        partials += [os.path.join(out_dir, name) for name in os.listdir(out_dir)
+                     if name.startswith(mine) and name.endswith(PARTIAL_SUFFIX)]
         for path in partials:
             os.remove(path)
         if partials:
