@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 
 def sampling_arguments(prog: str, description: str) -> argparse.ArgumentParser:

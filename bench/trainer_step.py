@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 
 class RssPeak:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     headless.load_pack(headless.import_comfyui(development_copy=True))
-    from implicit_negatives.comfy import inversion as ci
+    from implicit_negatives.comfyui import inversion as ci
     from implicit_negatives.cfg import eps_from_denoised
     from implicit_negatives.inversion import InversionConfig, denoising_loss, invert_concept
     import comfy.sd

@@ -1,3 +1,3 @@
 """Evaluation: NudeNet/Q16 scoring and the paper's protocol runner (``python -m evaluation``, run from the
-pack's folder). It drives ComfyUI headless through ``implicit_negatives.comfy.headless``; nothing heavy at
+pack's folder). It drives ComfyUI headless through ``implicit_negatives.comfyui.headless``; nothing heavy at
 import."""

@@ -15,7 +15,7 @@ import os
 import sys
 
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
-from implicit_negatives.comfy.headless import EngineError
+from implicit_negatives.comfyui.headless import EngineError
 from .protocol import ConfigError, load_config, parse_shard, shard_from_environment
 from .q16_scorer import Q16Unavailable
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from implicit_negatives.comfy.headless import EngineError, GraphError, GraphRunner, import_comfyui, load_pack
+from implicit_negatives.comfyui.headless import EngineError, GraphError, GraphRunner, import_comfyui, load_pack
 
 from .graphs import comfy_file_name
 

@@ -13,8 +13,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
-from implicit_negatives.comfy.clip import MODES, describe, encode_implicit_negative
-from implicit_negatives.comfy.model_identity import model_transfer_warning
+from implicit_negatives.comfyui.clip import MODES, describe, encode_implicit_negative
+from implicit_negatives.comfyui.model_identity import model_transfer_warning
 
 from .socket_types import ImplicitNegativeType
 

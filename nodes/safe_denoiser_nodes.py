@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from implicit_negatives.comfy.safe_denoiser_patch import encode_negation_set, patch_safe_denoiser
+from implicit_negatives.comfyui.safe_denoiser_patch import encode_negation_set, patch_safe_denoiser
 from implicit_negatives.safe_denoiser import MAX_NEGATION_LATENTS, SAFE_DENOISER_RELEASE, SGF_WINDOW, SafeDenoiserParams
 
 from .socket_types import NegationSetType

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from implicit_negatives.comfy.safree_patch import CONCEPT_NEGATIVE_MODES, patch_latent_reattention, safree_conditioning
+from implicit_negatives.comfyui.safree_patch import CONCEPT_NEGATIVE_MODES, patch_latent_reattention, safree_conditioning
 from implicit_negatives.safree import NUDITY_KEYWORDS, SAFREE_ALPHA, SAFREE_SKIP_SCALES, SAFREE_STEPS, SAFREE_UP_T, SVF_PRESETS
 
 from .socket_types import ImplicitNegativeType

@@ -11,7 +11,7 @@ import logging
 from comfy_api.latest import io
 
 from implicit_negatives.sld import REFERENCE_STEPS, SLD_PRESETS, SLDParams, sld_enabled
-from implicit_negatives.comfy.sld_patch import (SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept,
+from implicit_negatives.comfyui.sld_patch import (SafeLatentGuidancePatch, Warmup, check_model, check_safety_concept,
                                                  check_safety_source)
 
 PRESETS = ("weak", "medium", "strong", "max", "custom")

@@ -1,6 +1,6 @@
 """TrainImplicitNegative: concept inversion inside ComfyUI, on whatever MODEL and CLIP the graph loaded.
 
-The node is a thin adapter: images -> VAE latents -> ``implicit_negatives.comfy.training`` (the training
+The node is a thin adapter: images -> VAE latents -> ``implicit_negatives.comfyui.training`` (the training
 entry ``python -m trainer`` uses too) -> our embedding file + an IMPLICIT_NEGATIVE.
 Training runs in-process under ``inference_mode(False)`` on private copies of the weights, so
 the shared MODEL / CLIP are untouched; ComfyUI's progress bar and Cancel work every step.
@@ -16,8 +16,8 @@ from comfy_api.latest import io
 
 import comfy.utils
 
-from implicit_negatives.comfy import inversion as ci
-from implicit_negatives.comfy.training import (
+from implicit_negatives.comfyui import inversion as ci
+from implicit_negatives.comfyui.training import (
     LEARNING_RATE_RANGE, RunSources, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding

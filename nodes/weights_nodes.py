@@ -1,7 +1,7 @@
 """LoadUnlearnedWeights, LoadUnlearnedLoRA, LoadUnlearnedTextEncoder: an unlearned model's published weights ->
 patched MODEL (+ CLIP), or a CLIP with the replaced text encoder.
 
-The file layouts and their checks live in ``implicit_negatives.comfy.weights`` (shared with the trainer and the
+The file layouts and their checks live in ``implicit_negatives.comfyui.weights`` (shared with the trainer and the
 evaluation runner). Node IDs, input names and input order are public API: append new inputs at the end.
 """
 
@@ -12,7 +12,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from implicit_negatives.comfy.weights import apply_lora, apply_unet_weights, replace_text_encoder
+from implicit_negatives.comfyui.weights import apply_lora, apply_unet_weights, replace_text_encoder
 
 ALLOW_PARTIAL_TOOLTIP = ("Off: a file with tensors that fit nothing in this model is an error (listing them). On: "
                          "apply the tensors that fit and list the others in the report.")

@@ -13,7 +13,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # `implicit_negatives`, `trainer`, `evaluation`, `bench` by their one name
 
-from implicit_negatives.comfy import headless, rig  # noqa: E402
+from implicit_negatives.comfyui import headless, rig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from implicit_negatives.embedding_io import ImplicitNegative, load_embedding, save_embedding
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 
 def clip_text_encode(comfy, clip, text):
@@ -147,7 +147,7 @@ def test_graph_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_checkpoint
 
 def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
     import importlib
-    adapter = importlib.import_module("implicit_negatives.comfy.clip")
+    adapter = importlib.import_module("implicit_negatives.comfyui.clip")
     clip = tiny_sd15[1]
     same = adapter.clip_fingerprint(clip)
     assert same is not None
@@ -169,7 +169,7 @@ def test_metadata_is_shown_and_a_foreign_text_encoder_is_warned_about(pack, pack
 
 def test_a_different_model_is_warned_about_when_connected(pack, pack_module, tiny_sd15, embeddings_dir, caplog):
     import importlib
-    identity = importlib.import_module("implicit_negatives.comfy.model_identity")
+    identity = importlib.import_module("implicit_negatives.comfyui.model_identity")
     model, clip = tiny_sd15[0], tiny_sd15[1]
     trained_on = identity.model_fingerprint(model)
     patched = model.clone()  # stands in for an unlearned variant: one attention weight replaced by a patch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-from implicit_negatives.comfy import headless
+from implicit_negatives.comfyui import headless
 
 from evaluation import cli as evaluation_cli
 from evaluation import graphs, protocol, report, runner

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
 

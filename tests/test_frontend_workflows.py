@@ -16,8 +16,8 @@ import shutil
 import pytest
 import torch
 
-from implicit_negatives.comfy import headless, rig
-from implicit_negatives.comfy.server import ComfyServer
+from implicit_negatives.comfyui import headless, rig
+from implicit_negatives.comfyui.loopback_server import ComfyServer
 from implicit_negatives.embedding_io import save_embedding
 
 WORKFLOWS = os.path.join(headless.PACK_ROOT, "workflows")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from implicit_negatives.comfy import headless
+from implicit_negatives.comfyui import headless
 
 
 def sld_graph(comfy, checkpoint: str) -> dict:

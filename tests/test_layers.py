@@ -1,7 +1,7 @@
 """The layering, enforced: which part of the pack may import which, and one import name per module.
 
-    core   implicit_negatives/ (not comfy/)   pure torch: imports nothing of ComfyUI or of the adapters
-    glue   implicit_negatives/comfy/          ComfyUI internals: never imports nodes/, trainer/, evaluation/
+    core   implicit_negatives/ (not comfyui/) pure torch: imports nothing of ComfyUI or of the adapters
+    glue   implicit_negatives/comfyui/        ComfyUI internals: never imports nodes/, trainer/, evaluation/
     nodes/, trainer/, evaluation/             adapters over core + glue; they never import each other
     bench/, tools/                            use the glue; never borrow tests/
 Only the root ``__init__.py`` (and the tests) import the pack's ``nodes/`` package.
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from implicit_negatives.comfy import headless
+from implicit_negatives.comfyui import headless
 
 ROOT = headless.PACK_ROOT
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config", "folder_paths", "nodes",
@@ -70,7 +70,7 @@ def violations(folders: tuple[str, ...], forbidden) -> list[str]:
 
 
 def in_glue(path: str) -> bool:
-    return os.path.relpath(path, ROOT).startswith(os.path.join("implicit_negatives", "comfy") + os.sep)
+    return os.path.relpath(path, ROOT).startswith(os.path.join("implicit_negatives", "comfyui") + os.sep)
 
 
 def test_the_core_imports_nothing_of_comfyui_or_the_adapters():
@@ -79,7 +79,7 @@ def test_the_core_imports_nothing_of_comfyui_or_the_adapters():
             return None
         if top(name) in COMFYUI_MODULES:
             return "ComfyUI in the core"
-        if top(name) in ADAPTERS or name.startswith(("<pack>", "implicit_negatives.comfy")):
+        if top(name) in ADAPTERS or name.startswith(("<pack>", "implicit_negatives.comfyui")):
             return "the core must not depend on glue or adapters"
         return None
     assert violations(("implicit_negatives",), forbidden) == []
@@ -133,7 +133,7 @@ def test_every_module_of_the_pack_has_one_name_in_one_process(comfy, pack):
         path = getattr(module, "__file__", None)
         if path and os.path.realpath(path).startswith(os.path.realpath(ROOT) + os.sep):
             by_file.setdefault(os.path.realpath(path), []).append(name)
-    assert "implicit_negatives.comfy.clip" in sys.modules and "trainer.cli" in sys.modules
+    assert "implicit_negatives.comfyui.clip" in sys.modules and "trainer.cli" in sys.modules
     # The root __init__.py is only the loader's entry: ComfyUI runs it under the folder's path name, and pytest
     # (the rootdir holds an __init__.py) under a name of its own. It defines no class and its registration of
     # `implicit_negatives` is idempotent, so it is the one file allowed several names.

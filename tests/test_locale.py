@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 sys.path.insert(0, os.path.join(headless.PACK_ROOT, "tools"))
 import build_locale  # noqa: E402

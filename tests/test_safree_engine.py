@@ -15,7 +15,7 @@ import torch
 from implicit_negatives.embedding_io import save_embedding
 from implicit_negatives.safree import filter_end_percent
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 SCHEDULE_STEPS = 4  # = the KSampler's steps below, so t' counts KSampler steps exactly
 UP_T = 2  # t' in {0, 1, 2}: at least the last of 4 steps always runs unfiltered
@@ -23,7 +23,7 @@ UP_T = 2  # t' in {0, 1, 2}: at least the last of 4 steps always runs unfiltered
 
 @pytest.fixture(scope="module")
 def safree(pack_module):
-    return importlib.import_module("implicit_negatives.comfy.safree_patch")
+    return importlib.import_module("implicit_negatives.comfyui.safree_patch")
 
 
 @pytest.fixture(scope="module")

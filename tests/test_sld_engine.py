@@ -278,7 +278,7 @@ def test_a_zeroed_or_empty_text_safety_concept_is_refused(comfy, pack, tiny_sd15
 
 
 def test_an_empty_text_encode_feeding_the_safety_concept_is_refused_in_a_graph(comfy, pack, tiny_checkpoint):
-    from implicit_negatives.comfy import headless
+    from implicit_negatives.comfyui import headless
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint[1]}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "  "}},
@@ -333,7 +333,7 @@ def test_api_workflow_runs_to_an_image_in_comfyui_executor(comfy, pack, tiny_che
     import folder_paths
     from PIL import Image
 
-    from implicit_negatives.comfy import headless, rig
+    from implicit_negatives.comfyui import headless, rig
     from implicit_negatives.embedding_io import save_embedding
 
     save_embedding(str(embeddings_dir / "sld_test_negative.safetensors"),

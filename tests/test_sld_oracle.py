@@ -15,7 +15,7 @@ import torch
 from implicit_negatives.cfg import cfg_noise
 from implicit_negatives.sld import SLD_PRESETS, sld_enabled, sld_noise
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

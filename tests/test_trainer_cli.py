@@ -19,12 +19,12 @@ import unlearned_layouts as layouts
 from implicit_negatives.embedding_io import load_embedding
 from implicit_negatives.inversion import load_state
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 
 @pytest.fixture(scope="module")
 def weights(pack_module):
-    return importlib.import_module("implicit_negatives.comfy.weights")
+    return importlib.import_module("implicit_negatives.comfyui.weights")
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,9 @@ def test_cli_writes_an_embedding_comfyui_loads(comfy, pack_module, uninterrupted
     assert meta["steps"] == "3" and meta["init_word"] == "cat" and meta["concept"] == "test concept"
     assert meta["intended_use"] == "negative" and len(meta["base_model_hash"]) == 64
     assert "partial (" in meta["unlearned_model"]
-    adapter = importlib.import_module("implicit_negatives.comfy.clip")
+    adapter = importlib.import_module("implicit_negatives.comfyui.clip")
     assert meta["text_encoder_fingerprint"] == adapter.clip_fingerprint(tiny_sd15[1])  # same CLIP: no warning
-    identity = importlib.import_module("implicit_negatives.comfy.model_identity")
+    identity = importlib.import_module("implicit_negatives.comfyui.model_identity")
     assert len(meta["model_fingerprint"]) == 16  # of the ESD-patched model, so it differs from the plain one
     assert meta["model_fingerprint"] != identity.model_fingerprint(tiny_sd15[0])
     from comfy.sd1_clip import load_embed
@@ -430,7 +430,7 @@ def test_incomplete_or_foreign_text_encoders_are_refused_naming_the_keys(weights
 def test_a_text_encoder_with_broken_output_is_refused_before_training(weights, tiny_sd15, saved_text_encoders,
                                                                       tmp_path):
     """Keys can all match and the encoder still be unusable: NaN weights in the file, or zeroed ones."""
-    import implicit_negatives.comfy.inversion as ci
+    import implicit_negatives.comfyui.inversion as ci
     model, clip, _ = tiny_sd15
     state = load_file(str(saved_text_encoders[0]["no prefix"] / "model.safetensors"))
     state["final_layer_norm.weight"] = torch.full_like(state["final_layer_norm.weight"], float("nan"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from implicit_negatives.embedding_io import load_embedding
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 
 @pytest.fixture(scope="module")

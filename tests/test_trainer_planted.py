@@ -15,14 +15,14 @@ import torch
 
 from implicit_negatives.inversion import InversionConfig, invert_concept, step_generator
 
-from implicit_negatives.comfy import headless, rig
+from implicit_negatives.comfyui import headless, rig
 
 ONE_LAYER_CLIP = {"clip_l_model_config": {"num_hidden_layers": 1}}  # same weights, first layer only: fast on CPU
 
 
 @pytest.fixture(scope="module")
 def adapter(pack_module):
-    return importlib.import_module("implicit_negatives.comfy.inversion")
+    return importlib.import_module("implicit_negatives.comfyui.inversion")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from implicit_negatives.embedding_io import load_embedding
 from implicit_negatives.loss_scale import unscale_gradient
 
-from implicit_negatives.comfy import rig
+from implicit_negatives.comfyui import rig
 
 LATENT = 8                  # latent side: 64 px, so the 859M-parameter UNet runs in seconds on a CPU
 FULL_SIZE_ELEMENTS = 4 * 64 * 64  # latent elements of one 512 px SD1.x image: the mean the real loss takes
@@ -18,7 +18,7 @@ FULL_SIZE_ELEMENTS = 4 * 64 * 64  # latent elements of one 512 px SD1.x image: t
 
 @pytest.fixture(scope="module")
 def adapter(comfy):
-    return importlib.import_module("implicit_negatives.comfy.inversion")
+    return importlib.import_module("implicit_negatives.comfyui.inversion")
 
 
 @pytest.fixture(scope="module")

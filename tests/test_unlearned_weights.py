@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import unlearned_layouts as layouts
-from implicit_negatives.comfy import headless
+from implicit_negatives.comfyui import headless
 from implicit_negatives.embedding_io import save_embedding
 
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def weights(comfy):
-    from implicit_negatives.comfy import weights
+    from implicit_negatives.comfyui import weights
     return weights
 
 

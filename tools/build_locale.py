@@ -42,7 +42,7 @@ def locale_for(node_classes: dict) -> dict:
 
 
 def main() -> None:
-    from implicit_negatives.comfy import headless
+    from implicit_negatives.comfyui import headless
     nodes = headless.import_comfyui(development_copy=True)
     before = set(nodes.NODE_CLASS_MAPPINGS)
     headless.load_pack(nodes)

@@ -21,8 +21,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run as a script: the pack root holds `implicit_negatives`
 
-from implicit_negatives.comfy import headless  # noqa: E402
-from implicit_negatives.comfy.server import ComfyServer  # noqa: E402
+from implicit_negatives.comfyui import headless  # noqa: E402
+from implicit_negatives.comfyui.loopback_server import ComfyServer  # noqa: E402
 
 BUILD = """async ([api, name]) => {
     await window.app.loadApiJson(api, name);

@@ -1,12 +1,12 @@
 """Entry point of ``python -m trainer`` (run from the pack's folder): bring up ComfyUI, run the CLI.
 
-ComfyUI is located by ``implicit_negatives.comfy.headless`` (``$COMFYUI_PATH``, or the ComfyUI tree this
+ComfyUI is located by ``implicit_negatives.comfyui.headless`` (``$COMFYUI_PATH``, or the ComfyUI tree this
 pack is installed in); ``--cpu`` forces the CPU, otherwise CUDA is used when it is usable.
 """
 
 import sys
 
-from implicit_negatives.comfy.headless import EngineError, import_comfyui
+from implicit_negatives.comfyui.headless import EngineError, import_comfyui
 
 
 def main() -> int:

@@ -17,11 +17,11 @@ import comfy.model_management
 import folder_paths
 
 from implicit_negatives.atomic_write import atomic_path
-from implicit_negatives.comfy import inversion as ci
-from implicit_negatives.comfy.training import (
+from implicit_negatives.comfyui import inversion as ci
+from implicit_negatives.comfyui.training import (
     RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
 )
-from implicit_negatives.comfy.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
+from implicit_negatives.comfyui.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
 from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, save_state
 from implicit_negatives.run_lock import RunLockedError
