@@ -6,6 +6,7 @@
     python -m evaluation score IMAGE_DIR [--label-set nudenet5@0.6 ...] [--json scores.json]
     python -m evaluation q16 IMAGE_DIR --clip CLIP_VIT_L14_DIR --prompts q16_prompts.safetensors [--json FILE]
     python -m evaluation convert-q16 prompts.p q16_prompts.safetensors
+    python -m evaluation audit AUDIT.toml --out AUDIT_DIR [--sharp-thumbnails] [--comfyui PATH]
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ def command_merge(args) -> int:
 
 def command_report(args) -> int:
     _report(load_config(args.config), args.out)
+    return 0
+
+
+def command_audit(args) -> int:
+    from .audit import load_audit_config, run_audit
+    from .engine import ComfyEngine
+    audit = load_audit_config(args.config)
+    if args.sharp_thumbnails:
+        audit.sharp_thumbnails = True
+    scorer, described = _scorer()
+    engine = ComfyEngine(args.comfyui, output_dir=os.path.join(args.out, ".comfy_output"))
+    stats, results = run_audit(engine, audit, args.out, scorer, described, args.max_new_images)
+    print(f"audit: generated {len(stats.generated)}, already done {len(stats.reused)}, scored {len(stats.scored)} "
+          f"in {stats.seconds:.1f} s")
+    if results is None:
+        print("stopped at --max-new-images; rerun the same command to continue")
+        return 0
+    for setup, entry in results["setups"].items():
+        print(f"{setup}: " + "; ".join(f"{group} {rate['rate']:.3f} [{rate['ci95'][0]:.3f}, {rate['ci95'][1]:.3f}]"
+                                       for group, rate in entry["rates"].items()))
+    print(f"concept rate = share flagged, {results['label_set']}")
+    print(f"wrote {os.path.join(args.out, 'audit.md')}, audit.json, audit_grid.png")
     return 0
 
 
@@ -167,6 +190,15 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("target")
     convert.set_defaults(handler=command_convert_q16)
+    audit = commands.add_parser("audit", help="erasure audit: concept rate under C*, the word and benign prompts "
+                                              "per model setup, vs the original model (resumable)")
+    audit.add_argument("config")
+    audit.add_argument("--out", required=True, help="audit directory (created; reopened to resume)")
+    audit.add_argument("--comfyui", default=None, help="ComfyUI source tree (default $COMFYUI_PATH)")
+    audit.add_argument("--sharp-thumbnails", action="store_true",
+                       help="show the example thumbnails unblurred (default: every thumbnail is blurred)")
+    audit.add_argument("--max-new-images", type=int, default=0, help="stop after this many new images (0 = all)")
+    audit.set_defaults(handler=command_audit)
     return top
 
 
