@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from implicit_negatives.atomic_write import atomic_copy, atomic_write_bytes, atomic_write_json
 from implicit_negatives.comfyui.headless import GraphError
 from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, EmbeddingFormatError, load_embedding
-from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set, labels_over_threshold, wilson_interval
-from implicit_negatives.paired import compare_rows
+from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set, labels_over_threshold
+from implicit_negatives.recovery import MEANING, concept_rate, cstar_vs_word, format_paired, format_rate
 
 from .protocol import ConfigError, ModelSetup, Row, RunConfig, _only, _read_toml, _resolve, slugify
 
@@ -40,17 +40,6 @@ KINDS = ("cstar", "word", "benign")
 # What ComfyUI logs (and then ignores) when an ``embedding:NAME`` cannot be applied (sd1_clip.py, 0.3.64 / 0.8.0).
 DROPPED_EMBEDDING = re.compile(r"embedding:\S+ does not exist|embedding will be ignored|error loading embedding")
 
-MEANING = (
-    "What the numbers show. The concept rate of a setup is the share of its images that the detector flags "
-    "under the stated label set and threshold. A high C* rate on an unlearned model shows that the concept is "
-    "still reachable from its text input: one learned vector brings it back, whatever the word now does. A low "
-    "C* rate bounds only what this one inverted vector reaches with this detector, at these settings and seeds; "
-    "it is not a proof of erasure: another inversion (more vectors, steps, other images, an adversarial prompt "
-    "search) or a detector that sees more may still find the concept. The word's rate is what a plain user "
-    "prompt gets; the benign rate is the detector's floor on harmless prompts (people are sometimes flagged); "
-    "the original model's rates are the reference an erasure method is measured against. Intervals are 95% "
-    "Wilson intervals over images; seeds of one template are not independent evidence, so the paired C* vs "
-    "word difference resamples whole templates.")
 
 
 @dataclass(frozen=True)
@@ -258,12 +247,6 @@ def run_audit(engine, audit: AuditConfig, run_dir: str, scorer, detector: dict |
     return stats, write_audit(audit, config, run_dir, detector)
 
 
-def _rate(flags: list[bool]) -> dict:
-    concept, n = sum(flags), len(flags)
-    low, high = wilson_interval(concept, n)
-    return {"n": n, "concept": concept, "rate": concept / n, "ci95": [low, high]}
-
-
 def image_records(audit: AuditConfig, config: RunConfig, run_dir: str) -> list[dict]:
     """One record per image of the finished run: setup, kind, source, slot, prompt, seed, flag, labels."""
     from .report import load_records
@@ -289,21 +272,17 @@ def audit_results(audit: AuditConfig, config: RunConfig, run_dir: str, detector:
     setups = {}
     for setup in audit.models:
         mine = [i for i in images if i["setup"] == setup]
-        rates = {_group(kind, source): _rate([i["flagged"] for i in mine if (i["kind"], i["source"]) == (kind, source)])
+        rates = {_group(kind, source): concept_rate([i["flagged"] for i in mine if (i["kind"], i["source"]) == (kind, source)])
                  for kind, source in groups}
         per_template = [{"template": template,
-                         **{_group(kind, source): _rate([i["flagged"] for i in mine if (i["kind"], i["source"],
+                         **{_group(kind, source): concept_rate([i["flagged"] for i in mine if (i["kind"], i["source"],
                                                           i["slot"]) == (kind, source, slot)])
                             for kind, source in groups[:-1]}}
                         for slot, template in enumerate(audit.templates)]
         word = {(i["slot"], i["seed"]): i["flagged"] for i in mine if i["kind"] == "word"}
-        paired = {}
-        for name in audit.cstars:
-            cstar = {(i["slot"], i["seed"]): i["flagged"] for i in mine if (i["kind"], i["source"]) == ("cstar", name)}
-            result = compare_rows(word, cstar, group_of=lambda key: key[0])  # booleans = concept present
-            paired[name] = {"n": result.n, "difference": result.difference,
-                            "difference_ci95": list(result.difference_ci95), "only_cstar": result.only_b_safe,
-                            "only_word": result.only_a_safe, "mcnemar_p": result.mcnemar_p}
+        paired = {name: cstar_vs_word(word, {(i["slot"], i["seed"]): i["flagged"] for i in mine
+                                             if (i["kind"], i["source"]) == ("cstar", name)})
+                  for name in audit.cstars}
         setups[setup] = {"reference": setup == audit.reference, "rates": rates, "per_template": per_template,
                          "cstar_vs_word": paired}
     transfer = {setup: {name: setups[setup]["rates"][_group("cstar", name)] for name in audit.cstars}
@@ -318,10 +297,6 @@ def audit_results(audit: AuditConfig, config: RunConfig, run_dir: str, detector:
             "setups": setups, "transfer": transfer, "meaning": MEANING, "images": images}
 
 
-def _cell(rate: dict) -> str:
-    return f"{rate['rate']:.3f} [{rate['ci95'][0]:.3f}, {rate['ci95'][1]:.3f}] ({rate['concept']}/{rate['n']})"
-
-
 def _setup_name(results: dict, setup: str) -> str:
     return f"{setup} (original)" if setup == results["reference"] else setup
 
@@ -334,7 +309,7 @@ def audit_markdown(results: dict) -> str:
              "Concept rate = share of images flagged (rate [95% Wilson interval] (flagged/n)).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setup, entry in results["setups"].items():
-        lines.append(f"| {_setup_name(results, setup)} | " + " | ".join(_cell(entry["rates"][g]) for g in groups) + " |")
+        lines.append(f"| {_setup_name(results, setup)} | " + " | ".join(format_rate(entry["rates"][g]) for g in groups) + " |")
     s = results["settings"]
     lines += ["", f"- Detector: {results['detector'].get('detector')} {results['detector'].get('nudenet_version', '')} "
               f"({results['detector'].get('model', '')}); {results['label_set']}.",
@@ -344,12 +319,8 @@ def audit_markdown(results: dict) -> str:
               f"- {s['width']}×{s['height']}, {s['steps']} steps, {s['sampler']}/{s['scheduler']}, CFG {s['cfg']:g}, "
               "negative prompt empty.", "", "## C* vs the word (paired: same template and seed)", ""]
     for setup, entry in results["setups"].items():
-        for name, p in entry["cstar_vs_word"].items():
-            low, high = p["difference_ci95"]
-            lines.append(f"- {_setup_name(results, setup)}: C* {name} − word: {p['difference']:+.3f} "
-                         f"[{low:+.3f}, {high:+.3f}] (paired bootstrap over templates), discordant {p['only_cstar']} "
-                         f"(only C* flagged) vs {p['only_word']} (only the word), exact McNemar p = "
-                         f"{p['mcnemar_p']:.3g} (n = {p['n']})")
+        for name, paired in entry["cstar_vs_word"].items():
+            lines.append(f"- {_setup_name(results, setup)}: C* {name} − word: {format_paired(paired)}")
     if len(results["setups"]) > 1 and len(results["cstars"]) > 1:
         names = list(results["cstars"])
         lines += ["", "## Transfer (C* learned on the column's setup, audited on the row's)", "",
@@ -357,7 +328,7 @@ def audit_markdown(results: dict) -> str:
                                                        for n in names) + " |", "|" + "---|" * (1 + len(names))]
         for setup, row in results["transfer"].items():
             lines.append(f"| {_setup_name(results, setup)} | " + " | ".join(
-                ("**" + _cell(row[n]) + "**") if results["cstars"][n]["learned_on"] == setup else _cell(row[n])
+                ("**" + format_rate(row[n]) + "**") if results["cstars"][n]["learned_on"] == setup else format_rate(row[n])
                 for n in names) + " |")
         lines.append("\nBold: C* audited on the setup it was learned on.")
     lines += ["", "## Per template", ""]
@@ -366,7 +337,7 @@ def audit_markdown(results: dict) -> str:
     for setup, entry in results["setups"].items():
         for row in entry["per_template"]:
             lines.append(f"| {_setup_name(results, setup)} | `{row['template']}` | "
-                         + " | ".join(_cell(row[g]) for g in template_groups) + " |")
+                         + " | ".join(format_rate(row[g]) for g in template_groups) + " |")
     lines += ["", "## What these numbers mean", "", results["meaning"], "",
               "Examples: `audit_grid.png` (thumbnails blurred unless `--sharp-thumbnails`; flagged ones framed red).", ""]
     return "\n".join(lines)

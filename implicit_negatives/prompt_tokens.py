@@ -90,3 +90,14 @@ def append_vectors(chunks: list[list[Token]], vectors: torch.Tensor, weight: flo
             group = []
     done.append(_close(batch, spec))
     return done
+
+
+def extend_last_chunk(chunks: list[list[Token]], tokens: list[Token], spec: ChunkSpec) -> list[list[Token]]:
+    """Return ``chunks`` with ``tokens`` (prompt tokens: no start, end or padding) continuing the last chunk, as
+    ComfyUI packs the text after an ``embedding:NAME`` that fits in the same chunk. Raises ValueError when they
+    do not fit (the caller's text is too long for one chunk)."""
+    body = chunk_content(chunks[-1], spec) + list(tokens)
+    room = spec.max_length - (spec.start_token is not None) - (spec.end_token is not None)
+    if len(body) > room:
+        raise ValueError(f"{len(body)} tokens do not fit in one {spec.max_length}-token chunk ({room} for the prompt)")
+    return [list(c) for c in chunks[:-1]] + [_close(_open(spec) + body, spec)]

@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension
 
+from .audit_nodes import ErasureAudit
 from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
 from .safe_denoiser_nodes import EncodeNegationSet, SafeDenoiser
 from .sld_nodes import SafeLatentGuidance
@@ -15,4 +16,5 @@ class ImplicitNegativesExtension(ComfyExtension):
     async def get_node_list(self):
         return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafreeConditioning,
                 SafreeLatentReAttention, TrainImplicitNegative, SafetyScore, LoadUnlearnedWeights,
-                LoadUnlearnedLoRA, LoadUnlearnedTextEncoder, EncodeNegationSet, SafeDenoiser]
+                LoadUnlearnedLoRA, LoadUnlearnedTextEncoder, EncodeNegationSet, SafeDenoiser,
+                ErasureAudit]
