@@ -215,3 +215,18 @@ def test_command_line_audit_with_nudenet(ev, audit_dir, tmp_path):
     from PIL import Image
     grid = Image.open(out / "audit_grid.png")
     assert grid.size == (160 + 96 * 4 * 4, 16 + 96 * 2)
+
+
+def test_example_config_loads_and_bad_configs_say_what_to_fix(ev, audit_dir, tmp_path):
+    audit_module, protocol = ev("audit"), ev("protocol")
+    example = audit_module.load_audit_config(os.path.join(os.path.dirname(__file__), "..", "evaluation", "examples",
+                                                          "erasure_audit_duo.toml"))
+    assert list(example.models) == ["sd14", "duo", "esd"] and example.cstars["esd"].learned_on == "esd"
+    text = (audit_dir / "audit.toml").read_text()
+    for change, message in ((('templates = ["{}", ', 'templates = ["{} and {}", '), "exactly once"),
+                            (('reference = "original"', 'reference = "sd"'), "needs reference"),
+                            (('learned_on = "erased"', 'learned_on = "esd"'), "not a \\[models"),
+                            (('label_set = "nudenet5@0.6"', 'label_set = "nudenet5@2"'), "threshold")):
+        (tmp_path / "bad.toml").write_text(text.replace(*change).replace("./", str(audit_dir) + "/"))
+        with pytest.raises((protocol.ConfigError, ValueError), match=message):
+            audit_module.load_audit_config(str(tmp_path / "bad.toml"))

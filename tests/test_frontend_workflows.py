@@ -43,6 +43,7 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "ImageScale": {"width": 64, "height": 64},  # negation images at the tiny latent's size
         # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
         "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},
+        "ErasureAudit": {"count": 1, "steps": 2, "width": 64, "height": 64},
     }
 
 
@@ -194,6 +195,10 @@ SHOWN_SUMMARIES = """() => window.app.graph._nodes
         .map(w => String(w.value ?? "")).join("\\n")}))"""
 
 
+SHOWN_AUDIT = """() => window.app.graph._nodes.filter(n => n.type === "ErasureAudit")
+    .map(n => (n.widgets || []).filter(w => w.name === "$$node-text-preview").map(w => String(w.value ?? "")).join("\\n"))"""
+
+
 def wait_for_shown_summaries(page, timeout_ms: int = 10_000) -> list[dict]:
     """What the summary-showing nodes display once the run's messages have reached the page."""
     for _ in range(timeout_ms // 200):
@@ -227,6 +232,13 @@ def test_ui_workflow_loads_queues_and_runs_in_the_frontend(server, page, path):
         shown = wait_for_shown_summaries(page)
         assert sorted(n["type"] for n in shown) == ["PreviewAny", "SafetyScore"], shown
         assert all("DSR " in n["text"] and "nudenet5@0.6" in n["text"] for n in shown), shown
+    if any(n["type"] == "ErasureAudit" for n in workflow["nodes"]):  # the audit summary is on the node too
+        for _ in range(50):
+            shown = page.evaluate(SHOWN_AUDIT)
+            if shown and all("concept rate" in text for text in shown):
+                break
+            page.wait_for_timeout(200)
+        assert shown and all("C* (" in t and "concept rate" in t and "not a proof of erasure" in t for t in shown), shown
     page.wait_for_timeout(500)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     page.screenshot(path=os.path.join(SCREENSHOTS, os.path.basename(path).replace(".json", ".png")))
