@@ -197,13 +197,17 @@ def test_an_embedding_comfyui_would_drop_fails_the_audit(ev, audit_dir, tmp_path
     assert not os.path.isdir(tmp_path / "run" / "images" / "original") or not os.listdir(tmp_path / "run" / "images" / "original")
 
 
-def test_command_line_audit_with_nudenet(ev, audit_dir, tmp_path):
-    """The real detector on the tiny model's noise: nothing flagged, every interval the Wilson one of 0/n."""
+def test_command_line_audit_with_nudenet(ev, planted_audit, audit_dir, tmp_path):
+    """The real detector on the tiny model's noise: nothing flagged, every interval the Wilson one of 0/n. The
+    command reopens a copy of the planted audit: its images are reused, only the scores are made anew."""
     pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet (requirements-dev.txt)")
+    import shutil
     import folder_paths
     from implicit_negatives.metrics import wilson_interval
     before = folder_paths.get_output_directory()
     out = tmp_path / "cli"
+    shutil.copytree(planted_audit["dir"], out)
+    shutil.rmtree(out / "scores")
     code = ev("cli").main(["audit", str(audit_dir / "audit.toml"), "--out", str(out)])
     folder_paths.set_output_directory(before)
     assert code == 0
@@ -215,6 +219,7 @@ def test_command_line_audit_with_nudenet(ev, audit_dir, tmp_path):
     from PIL import Image
     grid = Image.open(out / "audit_grid.png")
     assert grid.size == (160 + 96 * 4 * 4, 16 + 96 * 2)
+    assert len(os.listdir(out / "scores" / "erased")) == 14 and "| original (original) |" in (out / "audit.md").read_text()
 
 
 def test_example_config_loads_and_bad_configs_say_what_to_fix(ev, audit_dir, tmp_path):
