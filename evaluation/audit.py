@@ -298,7 +298,7 @@ def audit_results(audit: AuditConfig, config: RunConfig, run_dir: str, detector:
 
 
 def _setup_name(results: dict, setup: str) -> str:
-    return f"{setup} (original)" if setup == results["reference"] else setup
+    return f"{setup} (reference)" if setup == results["reference"] else setup
 
 
 def audit_markdown(results: dict) -> str:

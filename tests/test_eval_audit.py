@@ -144,7 +144,7 @@ def test_transfer_matrix_and_paired_comparison_on_two_setups(planted_audit):
     text = open(os.path.join(planted_audit["dir"], "audit.md")).read()
     assert "## Transfer (C* learned on the column's setup, audited on the row's)" in text
     assert "| erased | **1.000 [0.510, 1.000] (4/4)** | 0.500 [0.150, 0.850] (2/4) |" in text
-    assert "| original (original) |" in text and "not a proof of erasure" in text
+    assert "| original (reference) |" in text and "not a proof of erasure" in text
     assert "exact McNemar p = 0.125 (n = 4)" in text
 
 
@@ -219,7 +219,7 @@ def test_command_line_audit_with_nudenet(ev, planted_audit, audit_dir, tmp_path)
     from PIL import Image
     grid = Image.open(out / "audit_grid.png")
     assert grid.size == (160 + 96 * 4 * 4, 16 + 96 * 2)
-    assert len(os.listdir(out / "scores" / "erased")) == 14 and "| original (original) |" in (out / "audit.md").read_text()
+    assert len(os.listdir(out / "scores" / "erased")) == 14 and "| original (reference) |" in (out / "audit.md").read_text()
 
 
 def test_example_config_loads_and_bad_configs_say_what_to_fix(ev, audit_dir, tmp_path):
