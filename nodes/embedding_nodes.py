@@ -15,13 +15,14 @@ from comfy_api.latest import io
 from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
 from implicit_negatives.comfyui.clip import MODES, describe, encode_implicit_negative
 from implicit_negatives.comfyui.model_identity import model_transfer_warning
+from implicit_negatives.negation_set_io import NEGATION_SET_SUFFIX
 
 from .socket_types import ImplicitNegativeType
 
 
 def embedding_choices() -> list[str]:
-    return sorted(name for name in folder_paths.get_filename_list("embeddings")
-                  if name.lower().endswith(EMBEDDING_EXTENSIONS))
+    return sorted(name for name in folder_paths.get_filename_list("embeddings")  # not the exported negation sets
+                  if name.lower().endswith(EMBEDDING_EXTENSIONS) and not name.endswith(NEGATION_SET_SUFFIX))
 
 
 def resolve_embedding_path(name: str) -> str:
