@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .protocol import (LORA_NODE, SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, UNET_NODE,
-                       NegativeSource, PromptRecord, Row, RunConfig)
+from .protocol import (LORA_NODE, NEGATION_SET_FOLDER, NEGATION_SET_NODE, SAFE_DENOISER_NODE, SAFREE_NODE,
+                       SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, UNET_NODE, NegativeSource, PromptRecord,
+                       Row, RunConfig)
 
 Resolve = Callable[[str, str], str]
 SAVE_NODE = "save"
@@ -103,6 +104,15 @@ def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve:
             graph["patch"] = {"class_type": node_id,
                               "inputs": {k: wiring.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}}
             model = ["patch", 0]
+    if row.negation_set:  # Safe Denoiser on top of everything else: its post-CFG hook runs after SLD's guidance
+        source = config.negation_sets[row.negation_set]
+        graph["negation_set"] = {"class_type": NEGATION_SET_NODE,
+                                 "inputs": {"path": resolve(NEGATION_SET_FOLDER, source.path), "vae": vae,
+                                            "resolution": config.width, "skip_bad_images": source.skip_bad_images}}
+        graph["safe_denoiser"] = {"class_type": SAFE_DENOISER_NODE,
+                                  "inputs": {"model": model, "negation_set": ["negation_set", 0],
+                                             **dict(row.safe_denoiser)}}
+        model = ["safe_denoiser", 0]
     if positive == ["pos", 0]:
         graph["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt.prompt}}
     if sampler_negative == ["empty", 0]:  # diffusers' unconditional branch: the empty prompt

@@ -17,8 +17,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from implicit_negatives.comfyui.negation_sets import (NEGATION_SET_FOLDER, find_negation_source,
-                                                      load_negation_source, source_stamp)
+from implicit_negatives.comfyui.negation_sets import load_negation_source, resolve_negation_path, source_stamp
 from implicit_negatives.comfyui.safe_denoiser_patch import encode_negation_set, patch_safe_denoiser
 from implicit_negatives.safe_denoiser import NegationSetError
 from implicit_negatives.safe_denoiser import MAX_NEGATION_LATENTS, SAFE_DENOISER_RELEASE, SGF_WINDOW, SafeDenoiserParams
@@ -48,24 +47,6 @@ class EncodeNegationSet(io.ComfyNode):
     @classmethod
     def execute(cls, images, vae) -> io.NodeOutput:
         return io.NodeOutput(encode_negation_set(vae, images))
-
-
-def negation_roots() -> list[str]:
-    """Where a relative LoadNegationSet path is looked up: ComfyUI's input folder, models/negation_sets,
-    then the embeddings folders (where the trainer exports NAME.negation_set.safetensors)."""
-    folders = [NEGATION_SET_FOLDER, "embeddings"]
-    return [folder_paths.get_input_directory()] + [path for name in folders
-                                                   if name in folder_paths.folder_names_and_paths
-                                                   for path in folder_paths.get_folder_paths(name)]
-
-
-def resolve_negation_path(path: str) -> str:
-    found = find_negation_source(path.strip(), negation_roots()) if path.strip() else None
-    if found is None:
-        raise NegationSetError(
-            f"Negation set {path!r} not found: give a folder of images or a *.negation_set.safetensors file, as an "
-            f"absolute path or relative to one of: {', '.join(negation_roots())}.")
-    return found
 
 
 class LoadNegationSet(io.ComfyNode):

@@ -38,6 +38,26 @@ def find_negation_source(value: str, roots: Sequence[str]) -> Optional[str]:
     return None
 
 
+def negation_roots() -> list[str]:
+    """Where a relative LoadNegationSet path is looked up, in order: ComfyUI's input folder, the
+    ``negation_sets`` model folders (models/negation_sets), the embeddings folders (where the trainer exports
+    NAME.negation_set.safetensors)."""
+    import folder_paths
+    return [folder_paths.get_input_directory()] + [path for name in (NEGATION_SET_FOLDER, "embeddings")
+                                                   if name in folder_paths.folder_names_and_paths
+                                                   for path in folder_paths.get_folder_paths(name)]
+
+
+def resolve_negation_path(path: str) -> str:
+    """The folder or file a LoadNegationSet path names; NegationSetError lists where it was looked for."""
+    found = find_negation_source(path.strip(), negation_roots()) if path.strip() else None
+    if found is None:
+        raise NegationSetError(
+            f"Negation set {path!r} not found: give a folder of images or a *.negation_set.safetensors file, as an "
+            f"absolute path or relative to one of: {', '.join(negation_roots())}.")
+    return found
+
+
 def source_stamp(path: str) -> str:
     """Changes whenever the folder's images (names, sizes, times) or the file change: ComfyUI re-runs the node."""
     if os.path.isfile(path):
