@@ -48,6 +48,7 @@ class ComfyEngine:
         """The file a config entry names (an absolute path, or a name in ComfyUI's ``folder``), None if absent.
         A negation set (a folder of images or a file) is found where LoadNegationSet looks for it."""
         if folder == NEGATION_SET_FOLDER:
+            # Imported here: the glue imports ComfyUI, which import_comfyui has located by now.
             from implicit_negatives.comfyui.negation_sets import find_negation_source, negation_roots
             return find_negation_source(value, negation_roots())
         if os.path.isabs(value):

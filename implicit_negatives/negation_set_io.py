@@ -71,8 +71,3 @@ def load_negation_set(path: str) -> NegationSet:
     check_negation_latents(latents, latents.shape[1] if latents.ndim == 4 else -1)
     extra = {k: v for k, v in metadata.items() if k not in ("format", "source")}
     return NegationSet(latents=latents, source=metadata.get("source", name), provenance=extra)
-
-
-def provenance_images(negation_set: NegationSet) -> list[tuple[str, str]]:
-    """(name, sha256) of each image a set was made from, [] when it does not record them."""
-    return [tuple(entry) for entry in json.loads(negation_set.provenance.get("images", "[]"))]

@@ -5,6 +5,7 @@ from the same folder, encoded sets are cached, and every unusable input is refus
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from implicit_negatives.embedding_io import save_embedding
-from implicit_negatives.negation_set_io import load_negation_set, provenance_images, save_negation_set
+from implicit_negatives.negation_set_io import load_negation_set, save_negation_set
 from implicit_negatives.safe_denoiser import NegationSet, NegationSetError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +66,7 @@ def test_the_set_a_training_run_exports_equals_the_set_loaded_from_its_folder(pa
     from_cli = load_negation_set(str(cli_file))
     assert torch.equal(from_cli.latents, from_folder.latents)
     assert from_cli.provenance == from_folder.provenance  # image names and sha256, VAE fingerprint, resolution
-    assert provenance_images(from_cli) == [
+    assert [tuple(entry) for entry in json.loads(from_cli.provenance["images"])] == [
         (f"concept_{i}.png", sha256_file(str(concept_images / f"concept_{i}.png"))) for i in range(3)]
     assert from_cli.provenance["resolution"] == "64" and len(from_cli.provenance["vae_fingerprint"]) == 16
     from_node = load_negation_set(str(node_file))

@@ -17,7 +17,7 @@ import torch
 
 from ..embedding_io import sha256_file
 from ..image_folder import TrainingDataError, image_names, load_image_folder
-from ..negation_set_io import (NEGATION_SET_SUFFIX, load_negation_set, provenance, save_negation_set)
+from ..negation_set_io import NEGATION_SET_SUFFIX, load_negation_set, provenance, save_negation_set
 from ..safe_denoiser import MAX_NEGATION_LATENTS, NegationSet, NegationSetError, check_negation_latents
 from .inversion import encode_images
 from .model_identity import vae_fingerprint
@@ -76,12 +76,10 @@ def pixel_hashes(images: torch.Tensor) -> list[tuple[str, str]]:
             for i, image in enumerate(images.cpu())]
 
 
-def encoded_negation_set(vae, images: torch.Tensor, hashes: list[tuple[str, str]], resolution: int,
-                         source: str) -> NegationSet:
-    """The negation set of fitted images (M, R, R, 3), encoded as the trainer encodes its latents."""
-    if images.shape[0] > MAX_NEGATION_LATENTS:
-        raise NegationSetError(f"{images.shape[0]} images; a negation set holds at most {MAX_NEGATION_LATENTS}")
-    latents = encode_images(vae, images)
+def negation_set_of(vae, latents: torch.Tensor, hashes: list[tuple[str, str]], resolution: int,
+                    source: str) -> NegationSet:
+    """A negation set of latents ``vae`` encoded from images of ``resolution`` px, with their provenance."""
+    latents = latents.float().cpu()
     check_negation_latents(latents, vae.latent_channels)
     return NegationSet(latents=latents, source=source,
                        provenance=provenance(hashes, vae_fingerprint(vae), resolution))
@@ -90,9 +88,7 @@ def encoded_negation_set(vae, images: torch.Tensor, hashes: list[tuple[str, str]
 def export_negation_set(path: str, vae, latents: torch.Tensor, hashes: list[tuple[str, str]], resolution: int,
                         source: str) -> NegationSet:
     """Write the latents a training run used as a negation set (the trainer's ``--export-negation-set``)."""
-    negation_set = NegationSet(latents=latents.float().cpu(), source=source,
-                               provenance=provenance(hashes, vae_fingerprint(vae), resolution))
-    check_negation_latents(negation_set.latents, vae.latent_channels)
+    negation_set = negation_set_of(vae, latents, hashes, resolution, source)
     save_negation_set(path, negation_set)
     return negation_set
 
@@ -113,8 +109,8 @@ def load_folder_negation_set(vae, folder: str, resolution: int, skip_bad: bool, 
     if os.path.isfile(cache_path):
         return load_negation_set(cache_path), loaded.receipt() + " (latents from the cache)"
     hashes = [(name, sha256_file(os.path.join(folder, name))) for name in loaded.names]
-    negation_set = encoded_negation_set(vae, loaded.images, hashes, resolution,
-                                        f"folder {os.path.abspath(folder)} ({len(loaded.names)} images, {resolution} px)")
+    negation_set = negation_set_of(vae, encode_images(vae, loaded.images), hashes, resolution,
+                                   f"folder {os.path.abspath(folder)} ({len(loaded.names)} images, {resolution} px)")
     save_negation_set(cache_path, negation_set)
     return negation_set, loaded.receipt()
 
