@@ -16,7 +16,14 @@ from implicit_negatives.embedding_io import save_embedding
 from implicit_negatives.negation_set_io import load_negation_set, save_negation_set
 from implicit_negatives.safe_denoiser import NegationSet, NegationSetError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_output")
+
+
+@pytest.fixture(scope="module")
+def fresh_output(comfy, tmp_path_factory):
+    """An empty ComfyUI output folder, so LoadNegationSet's cache starts empty (conftest restores the old one)."""
+    import folder_paths
+    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("negation-output")))
 
 
 def write_images(folder, count=3, size=64, seed=1):
