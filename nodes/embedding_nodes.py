@@ -25,14 +25,25 @@ def embedding_choices() -> list[str]:
                   if name.lower().endswith(EMBEDDING_EXTENSIONS) and not name.endswith(NEGATION_SET_SUFFIX))
 
 
+HOW_TO_GET_ONE = (
+    "An implicit negative is trained for your unlearned checkpoint first (none ships with the pack). In one "
+    "queue: open the template 'start_here' (Workflow > Browse Templates > implicit-negatives), pick your original "
+    "and unlearned checkpoints, Run. Or from the pack's folder: python -m trainer --checkpoint UNLEARNED.safetensors "
+    "--generate-from ORIGINAL.safetensors --generate-prompt \"PROMPT SHOWING THE CONCEPT\" --name NAME. Then press R "
+    "in the frontend to refresh this list.")
+
+
 def resolve_embedding_path(name: str) -> str:
     """Full path of ``name`` inside one of ComfyUI's embeddings folders; rejects names that escape them.
 
     The name must stay inside a folder as written; symlinks in the folder are followed, as ComfyUI's own
     ``folder_paths.get_full_path`` and the file list this node offers do (a per-file symlink is a common
     way to share one model store)."""
+    if name.strip() == "":
+        raise FileNotFoundError(f"No embedding chosen ({len(embedding_choices())} in the embeddings folders). "
+                                f"{HOW_TO_GET_ONE}")
     parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or ".." in parts or name.strip() == "":
+    if os.path.isabs(name) or ".." in parts:
         raise ValueError(f"Embedding name {name!r} is not a file inside the embeddings folders")
     for folder in folder_paths.get_folder_paths("embeddings"):
         root = os.path.abspath(folder)
@@ -40,8 +51,8 @@ def resolve_embedding_path(name: str) -> str:
         if os.path.commonpath([root, candidate]) == root and os.path.isfile(candidate):
             return candidate
     raise FileNotFoundError(
-        f"Embedding {name!r} not found in the embeddings folders: "
-        f"{', '.join(folder_paths.get_folder_paths('embeddings'))}")
+        f"Embedding {name!r} not found in the embeddings folders ({', '.join(folder_paths.get_folder_paths('embeddings'))}"
+        f"; they hold {len(embedding_choices())} embedding file(s)). {HOW_TO_GET_ONE}")
 
 
 class LoadImplicitNegative(io.ComfyNode):
@@ -68,6 +79,16 @@ class LoadImplicitNegative(io.ComfyNode):
                                           "was learned on, vectors, steps. Connect to Preview Any to read.")),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, embedding):
+        """Replaces ComfyUI's combo check for ``embedding`` (which, with no file yet, says only "not in []")
+        with the message that says how to get one."""
+        try:
+            resolve_embedding_path(embedding)
+        except (FileNotFoundError, ValueError) as error:
+            return str(error)
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, embedding, strength):

@@ -188,3 +188,20 @@ def test_a_different_model_is_warned_about_when_connected(pack, pack_module, tin
         other = conditioning.execute(clip, negative, "", "in_text_chunk", patched).result[0]
         assert "learned on a different model" in caplog.text and "tiny-esd" in caplog.text
     assert torch.equal(same[0][0], other[0][0])  # a warning, never a change of the conditioning
+
+
+@pytest.mark.parametrize("name", ["not-trained-yet.safetensors", ""])
+def test_a_missing_embedding_says_how_to_get_one(comfy, pack, tiny_checkpoint, name):
+    """No embedding yet is the first state of every install: ComfyUI's own validation of a shipped template
+    must stop with the pack's message (the template and the trainer command), not the combo check's bare
+    "not in []"."""
+    import json
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "implicit_negative_txt2img.json")) as handle:
+        graph = json.load(handle)
+    graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
+    graph["2"]["inputs"]["embedding"] = name
+    problems, _ = headless.GraphRunner().validate(graph)
+    assert len(problems) == 1 and "not in [" not in problems[0] and "not in (" not in problems[0], problems
+    assert "start_here" in problems[0] and "python -m trainer --checkpoint" in problems[0], problems
+    with pytest.raises(FileNotFoundError, match="start_here"):  # 0.3.64 let such names reach the node
+        pack["LoadImplicitNegative"].execute(name, 1.0)

@@ -43,7 +43,7 @@ def same_bits(a, b):
 def node_inputs(images, name, **changes):
     inputs = dict(images=images, name=name, steps=2, learning_rate=0.005, num_vectors=1, init_word="cat", seed=7,
                   resolution=64, templates="object", batch_size=1, concept="test", overwrite=True,
-                  gradient_checkpointing=False)
+                  gradient_checkpointing=False, preview_every=0)  # previews cost CLIP encodes: only where tested
     inputs.update(changes)
     return inputs
 
@@ -55,7 +55,7 @@ def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, conce
     for name in ("concept_0.png", "concept_1.png"):
         shutil.copy(concept_images / name, os.path.join(folder_paths.get_input_directory(), name))
     graph["1"]["inputs"]["ckpt_name"] = tiny_checkpoint[1]
-    graph["5"]["inputs"].update(steps=2, resolution=64, name="graph_trained", num_vectors=2)
+    graph["5"]["inputs"].update(steps=2, resolution=64, name="graph_trained", num_vectors=2, preview_every=0)
     outputs = headless.GraphRunner().run(graph)
     embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
     assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
@@ -145,3 +145,79 @@ def test_the_training_workflow_ships_without_overwrite():
     widgets = dict(zip([i["name"] for i in node["inputs"] if "widget" in i], node["widgets_values"]))
     assert widgets["overwrite"] is False and widgets["name"] == api["5"]["inputs"]["name"]
 
+
+
+@pytest.fixture
+def progress_hook(comfy):
+    """ComfyUI's global progress-bar hook (what the server installs to send progress and previews), recording
+    (value, total, preview, node_id); ``on_value`` may act on a value, as a person pressing Cancel."""
+    import comfy.utils
+    calls, actions = [], {}
+
+    def hook(value, total, preview, node_id=None, **_):
+        calls.append((value, total, preview, node_id))
+        if value in actions:
+            actions[value]()
+    saved = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    yield calls, actions
+    comfy.utils.set_progress_bar_global_hook(saved)
+
+
+def test_start_here_trains_in_graph_and_shows_previews_loss_and_the_ab(comfy, pack, tiny_checkpoint, embeddings_dir,
+                                                                       progress_hook):
+    """The start-here template on a fresh install (no embedding, no images): concept images from the original
+    model, training against the unlearned one, the in-graph embedding straight into the A/B. While it trains the
+    node sends a preview (embedding as the positive prompt) through ComfyUI's progress hook; at the end it shows
+    the loss curve and the previews as UI images."""
+    import folder_paths
+    from PIL import Image
+    calls, _ = progress_hook
+    with open(os.path.join(headless.PACK_ROOT, "workflows", "api", "start_here.json")) as handle:
+        graph = json.load(handle)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = tiny_checkpoint[1]
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=min(inputs["batch_size"], 2))
+        elif node["class_type"] == "KSampler":
+            inputs["steps"] = 2
+        elif node["class_type"] == "TrainImplicitNegative":
+            inputs.update(steps=2, resolution=64, name="start_here_test", overwrite=True, preview_every=1,
+                          preview_steps=1)
+    (train_id,) = [k for k, n in graph.items() if n["class_type"] == "TrainImplicitNegative"]
+    outputs = headless.GraphRunner().run(graph)
+
+    (ab_id,) = [k for k, n in graph.items() if n["class_type"] == "SaveImage"]
+    assert len(outputs[ab_id]["images"]) == 2  # A (text negative) and B (implicit negative), one seed
+    assert load_embedding(str(embeddings_dir / "start_here_test.safetensors")).metadata["steps"] == "2"
+    shown = [(value, preview) for value, total, preview, node_id in calls if node_id == train_id and preview]
+    assert [(value, preview[0], preview[1].size, preview[2]) for value, preview in shown] == [(1, "JPEG", (64, 64), 512)]
+    files = [Image.open(os.path.join(folder_paths.get_temp_directory(), i["subfolder"], i["filename"]))
+             for i in outputs[train_id]["images"]]
+    assert [f.size for f in files] == [(800, 400), (64, 64), (64, 64)]  # loss curve, preview at step 1, final
+    assert all(i["type"] == "temp" for i in outputs[train_id]["images"])
+    assert "with the embedding as the positive prompt" in outputs[train_id]["text"][0]
+
+
+def test_cancel_mid_training_keeps_the_last_good_file(comfy, pack, executor_model, concept_images, embeddings_dir,
+                                                      progress_hook):
+    """Cancel at step 3 of 50 (as the server's hook raises it) while overwriting an existing embedding: the
+    old file stays byte for byte and nothing else appears in the folder (no partial or temporary file)."""
+    import comfy.model_management
+    calls, actions = progress_hook
+    data = importlib.import_module("trainer.data")
+    images = data.load_image_folder(str(concept_images), 64).images
+    model, clip, vae = executor_model
+    with torch.inference_mode():
+        pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(images, "kept", steps=1))
+    before = {p.name: p.read_bytes() for p in embeddings_dir.iterdir()}
+    actions[3] = lambda: comfy.model_management.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+            pack["TrainImplicitNegative"].execute(model, clip, vae, **node_inputs(images, "kept", steps=50))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert max(value for value, total, *_ in calls if total == 50) == 3  # it trained, then stopped at once
+    assert {p.name: p.read_bytes() for p in embeddings_dir.iterdir()} == before

@@ -22,6 +22,7 @@ from implicit_negatives.comfyui.negation_sets import export_negation_set, pixel_
 from implicit_negatives.comfyui.training import (
     RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
 )
+from implicit_negatives.comfyui.training_feedback import PREVIEW_PROMPT, PREVIEW_STEPS, preview_image, smoothed, to_pil
 from implicit_negatives.comfyui.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
 from implicit_negatives.image_folder import ImageFolder, TrainingDataError, load_image_folder
@@ -31,7 +32,7 @@ from implicit_negatives.run_lock import RunLockedError
 from implicit_negatives.safe_denoiser import NegationSetError
 
 from .data import generate_images, read_prompts
-from .report import plot_losses, smoothed, write_loss_csv
+from .report import plot_losses, write_loss_csv
 from .workdir import claimed, default_work_dir, open_run, sha256_path
 
 
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in the work dir (refused if models, data or settings changed)")
     out.add_argument("--restart", action="store_true", help="discard the work dir's progress and start over")
     out.add_argument("--preview-every", type=int, default=0, help="steps between preview images (0: end only)")
-    out.add_argument("--preview-prompt", default="a photo of {}", help="positive prompt for previews; {} = embedding")
-    out.add_argument("--preview-steps", type=int, default=20)
+    out.add_argument("--preview-prompt", default=PREVIEW_PROMPT, help="positive prompt for previews; {} = embedding")
+    out.add_argument("--preview-steps", type=int, default=PREVIEW_STEPS)
     out.add_argument("--no-preview", action="store_true")
     return p
 
@@ -144,21 +145,10 @@ def cached_latents(work_dir: str, vae, images: torch.Tensor, vae_source: str) ->
 
 
 def preview(model, clip, vae, vectors, prompt, steps, seed, resolution, path) -> None:
-    """An image generated with the embedding as the POSITIVE prompt: it shows what the vectors evoke."""
-    import comfy.sample
-    import numpy as np
-    from PIL import Image
-    token_key, _, tokenizer = ci.single_text_encoder(clip)
-    row = ci.prompt_row(ci.tokenize_caption(tokenizer, prompt, vectors.shape[0]), vectors.detach().float(), tokenizer)
-    with torch.no_grad():
-        positive = clip.encode_from_tokens_scheduled({token_key: [[(t, 1.0) for t in row]]})
-        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
-        samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
-                                      positive, negative, latent, seed=seed, disable_pbar=True)
-        pixels = vae.decode(samples).clamp(0, 1)[0].float().cpu().numpy()
+    """An image generated with the embedding as the POSITIVE prompt (``preview_image``), saved as a PNG."""
+    image = to_pil(preview_image(model, clip, vae, vectors, prompt, steps, seed, resolution))
     with atomic_path(path) as temp:
-        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(temp, format="PNG")
+        image.save(temp, format="PNG")
 
 
 class TrainingMonitor:
