@@ -39,7 +39,8 @@ def tiny_overrides(checkpoint_name: str) -> dict:
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
         # The workflow ships with overwrite = false; here its API twin and its UI form train the same name.
-        "TrainImplicitNegative": {"steps": 2, "resolution": 64, "overwrite": True},
+        "TrainImplicitNegative": {"steps": 2, "resolution": 64, "overwrite": True, "preview_every": 2,
+                                  "preview_steps": 1},  # one preview (of the final embedding) per run
         "ImageScale": {"width": 64, "height": 64},  # negation images at the tiny latent's size
         # SAFREE encodes every keyword with full-size CLIP-L: two keywords keep the CPU test short.
         "SafreeConditioning": {"concept_keywords": "Nudity, Sexual Acts"},
@@ -210,6 +211,23 @@ def wait_for_shown_summaries(page, timeout_ms: int = 10_000) -> list[dict]:
     return shown
 
 
+NODE_IMAGES = """(id) => {
+    const node = window.app.graph.getNodeById(id);
+    const outputs = (window.app.nodeOutputs || {})[String(id)];
+    return Math.max((node && node.imgs || []).length, (outputs && outputs.images || []).length);
+}"""
+
+
+def wait_for_node_images(page, node_id: int, timeout_ms: int = 10_000) -> int:
+    """How many images the page shows on a node once the run's 'executed' message has reached it."""
+    for _ in range(timeout_ms // 200):
+        count = page.evaluate(NODE_IMAGES, node_id)
+        if count:
+            return count
+        page.wait_for_timeout(200)
+    return 0
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=os.path.basename)
 def test_ui_workflow_loads_queues_and_runs_in_the_frontend(server, page, path):
     with open(path) as handle:
@@ -229,6 +247,9 @@ def test_ui_workflow_loads_queues_and_runs_in_the_frontend(server, page, path):
     saved = [node_id for node_id, out in history["outputs"].items() if out.get("images")]
     save_nodes = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage") and n.get("mode", 0) == 0]
     assert len(saved) >= len(save_nodes)
+    for node in (n for n in workflow["nodes"] if n["type"] == "TrainImplicitNegative"):  # loss curve + preview
+        assert len(history["outputs"][str(node["id"])]["images"]) == 2, history["outputs"]
+        assert wait_for_node_images(page, node["id"]) == 2
     if any(n["type"] == "SafetyScore" for n in workflow["nodes"]):  # the DSR is on the page, on the node and previewed
         shown = wait_for_shown_summaries(page)
         assert sorted(n["type"] for n in shown) == ["PreviewAny", "SafetyScore"], shown

@@ -13,7 +13,8 @@ def main() -> int:
     try:
         import_comfyui(cpu="--cpu" in sys.argv[1:])
     except EngineError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}\nThe trainer runs inside ComfyUI (even --help): run it with the Python that runs "
+                 "ComfyUI, from ComfyUI/custom_nodes/<this pack>, or set COMFYUI_PATH=/path/to/ComfyUI.")
     from trainer.cli import main as cli_main
     return cli_main()
 
