@@ -3,7 +3,8 @@
 The node is a thin adapter: images -> VAE latents -> ``implicit_negatives.comfyui.training`` (the training
 entry ``python -m trainer`` uses too) -> our embedding file + an IMPLICIT_NEGATIVE.
 Training runs in-process under ``inference_mode(False)`` on private copies of the weights, so
-the shared MODEL / CLIP are untouched; ComfyUI's progress bar and Cancel work every step.
+the shared MODEL / CLIP are untouched; ComfyUI's progress bar and Cancel work every step, previews (the
+embedding as the positive prompt) ride on the progress bar, and the loss curve is a UI image at the end.
 Node ID, input names and input order are public API: append new inputs at the end.
 """
 
