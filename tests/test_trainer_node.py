@@ -207,7 +207,7 @@ def test_cancel_mid_training_keeps_the_last_good_file(comfy, pack, executor_mode
     old file stays byte for byte and nothing else appears in the folder (no partial or temporary file)."""
     import comfy.model_management
     calls, actions = progress_hook
-    data = importlib.import_module("trainer.data")
+    data = importlib.import_module("implicit_negatives.image_folder")
     images = data.load_image_folder(str(concept_images), 64).images
     model, clip, vae = executor_model
     with torch.inference_mode():
