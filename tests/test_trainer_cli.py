@@ -345,30 +345,25 @@ def test_a_mistyped_prompt_file_is_an_error_not_a_prompt(cli, tiny_checkpoint, t
 
 def test_the_readme_quick_start_command_works_as_typed(cli, tiny_checkpoint, tiny_sd15, embeddings_dir, tmp_path,
                                                        monkeypatch):
-    """The README's step 2, run from a folder holding ./nudity_images, with its model files in ComfyUI's
-    folders (the tiny checkpoint as sd-v1-4.safetensors, a small LoRA as duo-nudity.safetensors)."""
+    """The README's command-line step, with its checkpoints in ComfyUI's folders (the tiny checkpoint as both
+    sd-v1-4.safetensors and sd-v1-4-duo-nudity.safetensors), shortened only by size options."""
     import shlex
     import folder_paths
     readme = open(os.path.join(headless.PACK_ROOT, "README.md"), encoding="utf-8").read()
-    command = readme.split("## Quick start", 1)[1].split("```", 2)[1]
-    argv = shlex.split(command.replace("\\\n", " "))
-    assert argv[:4] == ["COMFYUI_PATH=~/ComfyUI", "python", "-m", "trainer"]
+    blocks = readme.split("## Quick start", 1)[1].split("## Nodes", 1)[0].split("```")[1::2]
+    (block,) = [b for b in blocks if "python -m trainer" in b]
+    argv = shlex.split(block[block.index("python -m trainer"):].replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "trainer"]
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
-    os.symlink(os.path.join(*tiny_checkpoint), models / "checkpoints" / "sd-v1-4.safetensors")
-    (models / "loras").mkdir()
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{name}.lora_down.weight": torch.randn(1, 320) * 0.01,
-               f"{name}.lora_up.weight": torch.randn(320, 1) * 0.01, f"{name}.alpha": torch.tensor(1.0)},
-              str(models / "loras" / "duo-nudity.safetensors"))
+    for name in ("sd-v1-4.safetensors", "sd-v1-4-duo-nudity.safetensors"):
+        os.symlink(os.path.join(*tiny_checkpoint), models / "checkpoints" / name)
     folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"))
-    folder_paths.add_model_folder_path("loras", str(models / "loras"))
-    (tmp_path / "nudity_images").mkdir()
-    Image.new("RGB", (64, 64), (200, 120, 90)).save(tmp_path / "nudity_images" / "a.png")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(argv[4:] + ["--steps", "1", "--resolution", "64", "--no-preview"]) == 0
-    meta = load_embedding(str(embeddings_dir / "nudity-duo.safetensors")).metadata  # where the README says
-    assert meta["concept"] == "nudity" and "duo-nudity.safetensors" in meta["unlearned_model"]
+    assert cli.main(argv[3:] + ["--generate-count", "1", "--generate-steps", "1", "--steps", "1", "--resolution",
+                                "64", "--no-preview", "--overwrite"]) == 0
+    meta = load_embedding(str(embeddings_dir / "implicit-negative-nudity.safetensors")).metadata  # where it says
+    assert meta["concept"] == "nudity" and "sd-v1-4-duo-nudity.safetensors" in meta["unlearned_model"]
 
 
 def test_cli_without_comfyui_says_how_to_point_at_it(tmp_path):
