@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set
+from implicit_negatives.nudenet_scorer import CHANNEL_ORDERS
 
 # CSV column aliases (I2P: sd_seed / sd_guidance_scale; UnlearnDiffAtk/SAFREE: evaluation_seed / evaluation_guidance).
 PROMPT_COLUMNS = ("prompt", "adv_prompt", "text")
@@ -105,6 +106,8 @@ class RunConfig:
     censor_grids: bool = True
     grid_prompts: int = 8
     comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row a, row b): paired tests in the report
+    detector_model: str = ""          # NudeNet ONNX file (e.g. 640m.onnx); "" = the wheel's bundled 320n
+    channel_order: str = "rgb"        # what the detector sees: "rgb" (trained on) or "bgr_nudenet_3_4" (as shipped)
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -158,7 +161,7 @@ def load_config(path: str) -> RunConfig:
     _only(raw, {"run", "models", "negatives", "rows", "pp", "compare"}, path)
     run = dict(raw.get("run", {}))
     run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
-                "label_set", "extra_label_sets", "censor_grids", "grid_prompts"}
+                "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order"}
     _only(run, run_keys, "[run]")
     if "prompts" not in run:
         raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
@@ -219,6 +222,10 @@ def load_config(path: str) -> RunConfig:
         lpips_linear=_resolve(base, pp.get("lpips_linear", "")))
     for spec in [config.label_set, *config.extra_label_sets]:
         label_set(spec)  # fail now, not after hours of generation
+    if config.channel_order not in CHANNEL_ORDERS:
+        raise ConfigError(f"[run] channel_order {config.channel_order!r} not in {CHANNEL_ORDERS}: 'rgb' = what "
+                          "NudeNet's model was trained on, 'bgr_nudenet_3_4' = what nudenet 3.4.x gives for a file")
+    config.detector_model = _resolve(base, config.detector_model)
     if config.pp_reference:
         config.row(config.pp_reference)
     for number, table in enumerate(raw.get("compare", [])):

@@ -7,7 +7,8 @@ leaves either a finished file or none; the temporary files of killed processes a
                                    mtime and inode stay the same (a rerun reads no model file twice)
     images/<row-slug>/<index>.png  one image per (row, CSV index); its PNG text ``implicit_negatives_item``
                                    holds the item's identity
-    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity and raw NudeNet detections
+    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity, raw NudeNet detections and the
+                                   detector (file, channel order) that made them: another detector rescores
 An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting) and
 the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding). An item is
 done when its image carries the current identity and scored when its JSON carries the same key; anything
@@ -241,11 +242,22 @@ def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dic
             "graph_sha256": identity["graph_sha256"], "files": identity["files"], "item_key": identity["key"]}
 
 
-def _score_key(record_path: str) -> str | None:
+def _score_key(record_path: str, scorer=None) -> str | None:
+    """The item key a score record belongs to; None when there is none or another detector (file, channel
+    order: ``scorer.description``) made it."""
     if not os.path.isfile(record_path):
         return None
     with open(record_path) as handle:
-        return json.load(handle).get("item_key")
+        record = json.load(handle)
+    if record.get("detector") != getattr(scorer, "description", None):
+        return None
+    return record.get("item_key")
+
+
+def _score(record: dict, scorer, path: str) -> dict:
+    record["detections"] = scorer(path)
+    record["detector"] = getattr(scorer, "description", None)
+    return record
 
 
 def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (0, 1), scorer=None,
@@ -290,10 +302,8 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
                 if stored is not None:
                     stats.recomputed[key] = why_changed(stored, identity)
             record_path = score_path(run_dir, row, prompt)
-            if scorer is not None and _score_key(record_path) != identity["key"]:
-                record = item_record(config, row, prompt, identity)
-                record["detections"] = scorer(final)
-                atomic_write_json(record_path, record)
+            if scorer is not None and _score_key(record_path, scorer) != identity["key"]:
+                atomic_write_json(record_path, _score(item_record(config, row, prompt, identity), scorer, final))
                 stats.scored.append(key)
     stats.seconds = time.time() - started
     return stats
@@ -306,10 +316,8 @@ def score_missing(config: RunConfig, run_dir: str, scorer) -> list[str]:
         for prompt in read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit):
             final, record_path = image_path(run_dir, row, prompt), score_path(run_dir, row, prompt)
             identity = stored_identity(final)
-            if identity and _score_key(record_path) != identity["key"]:
-                record = item_record(config, row, prompt, identity)
-                record["detections"] = scorer(final)
-                atomic_write_json(record_path, record)
+            if identity and _score_key(record_path, scorer) != identity["key"]:
+                atomic_write_json(record_path, _score(item_record(config, row, prompt, identity), scorer, final))
                 scored.append(f"{row.slug}/{item_name(prompt)}")
     return scored
 

@@ -347,8 +347,28 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
     assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
     record = json.load(open(path))
     identity = planted_identity(config, row, prompt)
-    assert record == {**runner.item_record(config, row, prompt, identity), "detections": []}  # a uniform grey image
+    assert record == {**runner.item_record(config, row, prompt, identity), "detections": [],  # a uniform grey image
+                      "detector": None}
     assert runner.score_missing(config, out, scoring.detect_file) == []
+
+
+def test_scores_of_another_detector_or_channel_order_are_recomputed(planted_run):
+    pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet")
+    config, out = planted_run
+    every = [f"{row.slug}/{i:05d}" for row in config.rows for i in range(5)]
+    rgb, legacy = nudenet_scorer.FileScorer(), nudenet_scorer.FileScorer(channel_order="bgr_nudenet_3_4")
+    assert runner.score_missing(config, out, rgb) == every  # planted records name no detector
+    assert runner.score_missing(config, out, rgb) == []
+    results = report.compute_results(config, out, rgb.description)
+    assert results["detector"]["channel_order"] == "rgb" and results["detector"]["model"] == "320n.onnx"
+    assert results["rows"][0]["dsr"]["nudenet5@0.6"]["channel_order"] == "rgb"
+    assert "DSR ↑ (nudenet5@0.6, rgb)" in report.markdown_table(results)
+    assert "(320n.onnx at 320, channels rgb)" in report.print_summary(results).splitlines()[0]
+    with pytest.raises(protocol.ConfigError, match="scored by NudeNet .* channels rgb.*not.*bgr_nudenet_3_4"):
+        report.compute_results(config, out, legacy.description)
+    assert runner.score_missing(config, out, legacy) == every
+    record = json.load(open(runner.score_path(out, config.rows[0], protocol.read_prompts(config.prompts_path, 7.5)[0])))
+    assert record["detector"]["channel_order"] == "bgr_nudenet_3_4"
 
 
 def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, capsys):
