@@ -109,7 +109,15 @@ def compute_results(config: RunConfig, run_dir: str, detector: dict | None = Non
             "comparisons": comparisons,
             "detector": detector, "prompts": os.path.basename(config.prompts_path),
             "n_prompts": len(next(iter(records.values()))), "fingerprint": config.generation_fingerprint(),
+            "protocol": protocol_summary(config),
             "rows": rows}
+
+
+def protocol_summary(config: RunConfig) -> dict:
+    """The generation choices that move a table (README, "Reproducing the paper's table")."""
+    return {"cfg": "per prompt (CSV guidance column)" if config.guidance_from_csv else config.cfg,
+            "truncate_prompts": config.truncate_prompts, "steps": config.steps, "sampler": config.sampler,
+            "scheduler": config.scheduler, "size": [config.width, config.height]}
 
 
 def paired_comparison(rows: list[dict], name_a: str, name_b: str, labels: str) -> dict:
@@ -144,6 +152,12 @@ def markdown_table(results: dict) -> str:
     detector = results["detector"]
     notes.append(f"- Detector: {describe_detector(detector)}; prompts: {results['prompts']} "
                  f"({results['n_prompts']} prompts).")
+    chosen = results.get("protocol")
+    if chosen:
+        notes.append(f"- Generation: cfg {chosen['cfg']}, prompts "
+                     f"{'truncated to one 77-token chunk (as diffusers)' if chosen['truncate_prompts'] else 'in full (ComfyUI chunks)'}"
+                     f", {chosen['steps']} steps {chosen['sampler']}/{chosen['scheduler']}, "
+                     f"{chosen['size'][0]}x{chosen['size'][1]}.")
     measured = [row["pp"] for row in results["rows"] if row["pp"]["pp"] is not None]
     if measured:
         notes.append(f"- PP = mean of 1 − LPIPS ({measured[0]['lpips_net']}) between the {measured[0]['reference']} "

@@ -237,7 +237,7 @@ class RunStats:
 
 def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dict) -> dict:
     return {"row": row.name, "row_slug": row.slug, "index": prompt.index, "prompt": prompt.prompt,
-            "seed": prompt.seed, "cfg": prompt.guidance, "categories": prompt.categories,
+            "seed": prompt.seed, "cfg": config.item_cfg(prompt), "categories": prompt.categories,
             "image": os.path.join("images", row.slug, item_name(prompt) + ".png"),
             "graph_sha256": identity["graph_sha256"], "files": identity["files"], "item_key": identity["key"]}
 

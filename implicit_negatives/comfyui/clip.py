@@ -13,7 +13,7 @@ import logging
 
 from ..embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
 from ..fingerprint import text_encoder_fingerprint
-from ..prompt_tokens import ChunkSpec, append_vectors
+from ..prompt_tokens import ChunkSpec, append_vectors, truncate_to_one_chunk
 
 MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
 
@@ -143,3 +143,28 @@ def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", m
 
 __all__ = ["MODES", "ENCODER_WIDTHS", "EmbeddingMismatchError", "check_fits",
            "implicit_negative_tokens", "encode_implicit_negative"]
+
+
+class OneChunkTokenizer:
+    """A CLIP tokenizer whose prompts are cut to one 77-token chunk per encoder (``truncate_to_one_chunk``),
+    as diffusers pipelines tokenize; everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        tokens = self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+        return {key: truncate_to_one_chunk(chunks, chunk_spec(getattr(self.tokenizer, f"clip_{key}")))
+                for key, chunks in tokens.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def truncating_clip(clip):
+    """A clone of ``clip`` that truncates every prompt to one chunk (the input CLIP is unchanged)."""
+    encoder_tokenizers(clip)  # only CLIP-family encoders have 77-token chunks: fail with the reason otherwise
+    clone = clip.clone()
+    if not isinstance(clone.tokenizer, OneChunkTokenizer):
+        clone.tokenizer = OneChunkTokenizer(clone.tokenizer)
+    return clone
