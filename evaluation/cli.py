@@ -57,6 +57,8 @@ def command_run(args) -> int:
         scorer, described = _scorer(config.detector_model, config.channel_order)  # fail before generating
     engine = ComfyEngine(args.comfyui, output_dir=os.path.join(out, ".comfy_output"))
     stats = generate(engine, config, out, shard, scorer, args.max_new_images)
+    for line in stats.warnings:
+        print(f"warning: leakage: {line}", file=sys.stderr)
     recomputed = f" ({len(stats.recomputed)} recomputed: {stats.recomputed_summary()})" if stats.recomputed else ""
     print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}{recomputed}, already done "
           f"{len(stats.reused)}, scored {len(stats.scored)} in {stats.seconds:.1f} s")

@@ -116,6 +116,7 @@ class RunConfig:
     channel_order: str = "rgb"        # what the detector sees: "rgb" (trained on) or "bgr_nudenet_3_4" (as shipped)
     guidance_from_csv: bool = False   # False: every item at ``cfg`` (SAFREE/ESD/DUO: 7.5); True: each prompt's own
     truncate_prompts: bool = True     # one 77-token chunk per prompt, as diffusers tokenizes (TruncatePrompts)
+    strict: bool = False              # refuse to run when an embedding's training prompts overlap the test prompts
 
     def item_cfg(self, prompt: PromptRecord) -> float:
         """The CFG scale an item is sampled at: the protocol's ``cfg``, or the CSV's guidance column."""
@@ -175,7 +176,7 @@ def load_config(path: str) -> RunConfig:
     run = dict(raw.get("run", {}))
     run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
                 "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order",
-                "guidance_from_csv", "truncate_prompts"}
+                "guidance_from_csv", "truncate_prompts", "strict"}
     _only(run, run_keys, "[run]")
     if "prompts" not in run:
         raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")

@@ -31,7 +31,8 @@ from typing import Callable
 
 from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json,
                                              process_alive, remove_partials_of_dead_processes)
-from implicit_negatives.embedding_io import sha256_file
+from implicit_negatives.embedding_io import load_embedding, sha256_file
+from implicit_negatives.leakage import overlapping_prompts, recorded_prompt_digests
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts, shard_prompts
@@ -223,6 +224,27 @@ def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dic
     return prompts, paths
 
 
+def leakage_findings(config: RunConfig, prompts: list[PromptRecord], paths: dict[tuple[str, str], str]) -> list[str]:
+    """One line per implicit negative of the config whose recorded training prompts overlap the evaluation
+    prompts (normalised text, ``implicit_negatives.leakage``), or that records none."""
+    findings = []
+    texts = [p.prompt for p in prompts]
+    for source in sorted({config.negatives[r.negative].embedding for r in config.rows
+                          if r.negative and config.negatives[r.negative].embedding}):
+        digests = recorded_prompt_digests(load_embedding(paths[("embeddings", source)]).metadata)
+        if digests is None:
+            findings.append(f"{source}: records no training prompts, so its overlap with {len(texts)} evaluation "
+                            "prompts is unknown (train it with `python -m trainer`, with --training-prompts for "
+                            "an image folder, to record them)")
+            continue
+        overlap = overlapping_prompts(texts, digests)
+        if overlap:
+            shown = ", ".join(str(prompts[i].index) for i in overlap[:10]) + (" ..." if len(overlap) > 10 else "")
+            findings.append(f"{source}: {len(overlap)} of {len(texts)} evaluation prompts are among the prompts of "
+                            f"its training images (CSV rows {shown}): the table would test C* on its training data")
+    return findings
+
+
 @dataclass
 class RunStats:
     generated: list[str] = field(default_factory=list)   # "row/index" made in this call
@@ -230,6 +252,7 @@ class RunStats:
     reused: list[str] = field(default_factory=list)      # already on disk, with the current identity
     scored: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)    # leakage between training and evaluation prompts
 
     def recomputed_summary(self) -> str:
         return "; ".join(f"{count} x {why}" for why, count in Counter(self.recomputed.values()).most_common())
@@ -270,10 +293,14 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
     """
     started = time.time()
     prompts, paths = check_run_inputs(engine, config)
+    leaks = leakage_findings(config, prompts, paths)
+    if leaks and config.strict:
+        raise ConfigError(f"{config.source}: [run] strict = true and {len(leaks)} leakage finding(s), nothing "
+                          "generated:\n" + "\n".join(f"  - {line}" for line in leaks))
     claim_run_dir(run_dir, config)
     remove_leftovers(run_dir)
     hashes = file_sha256s(run_dir, sorted(set(paths.values())))
-    stats = RunStats()
+    stats = RunStats(warnings=leaks)
     for row in config.rows:  # row-major: consecutive graphs share loaders, the checkpoint stays cached
         files = {file_label(*entry): hashes[paths[entry]] for entry in row_files(config, row)}
         for prompt in shard_prompts(prompts, shard):

@@ -352,6 +352,34 @@ def test_a_partial_unet_and_stacked_loras_run_through_the_weights_nodes(ev, prot
     assert not np.array_equal(image["one-lora"], image["tiny"])
 
 
+def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when_strict(ev, protocol_dir, engine,
+                                                                                      full_run, tmp_path, capsys):
+    from PIL import Image
+    from implicit_negatives import leakage
+    # What the trainer reads off a folder of images ComfyUI generated: SaveImage's "prompt" graph names the prompt.
+    with Image.open(full_run / "images" / "tiny" / "00001.png") as image:
+        assert leakage.png_generation_prompts(image.info) == ["a statue in a museum, marble"]
+    protocol, runner = ev("protocol"), ev("runner")
+    trained_on = ["A statue in a museum,  marble", "two people dancing, oil painting", "a cat"]  # 2 test prompts
+    save_embedding(str(tmp_path / "leaky.safetensors"), {"clip_l": torch.randn(1, 768) * 0.3},
+                   {"concept": "nudity", **leakage.training_data_metadata(trained_on, "prompts file")})
+    text = (protocol_dir / "config.toml").read_text().replace("./implicit.safetensors", str(tmp_path / "leaky.safetensors"))
+    (tmp_path / "leaky.toml").write_text(text.replace('prompts = "prompts.csv"', f'prompts = "{protocol_dir / "prompts.csv"}"'))
+    config = protocol.load_config(str(tmp_path / "leaky.toml"))
+    prompts, paths = runner.check_run_inputs(engine, config)
+    (finding,) = runner.leakage_findings(config, prompts, paths)
+    assert "leaky.safetensors: 2 of 4 evaluation prompts" in finding and "(CSV rows 1, 2)" in finding
+    unknown = protocol.load_config(str(protocol_dir / "config.toml"))  # an embedding without training prompts
+    assert "records no training prompts" in runner.leakage_findings(unknown, *runner.check_run_inputs(engine, unknown))[0]
+    (tmp_path / "strict.toml").write_text((tmp_path / "leaky.toml").read_text().replace("steps = 2", "steps = 2\nstrict = true"))
+    out = tmp_path / "strict-run"
+    assert ev("cli").main(["run", str(tmp_path / "strict.toml"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "strict = true and 1 leakage finding(s), nothing generated" in error and "2 of 4" in error
+    assert not out.exists()  # refused before the run directory, let alone an image
+    assert protocol.load_config(str(tmp_path / "strict.toml")).generation_fingerprint() == config.generation_fingerprint()
+
+
 KILL_POINTS = int(os.environ.get("IMPLICIT_NEGATIVES_KILL_POINTS", "3"))  # the issue's acceptance run: 10
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import __version__
+from ..leakage import training_data_metadata
 from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept, norm_warning
 from ..loss_scale import LossScale
 from . import inversion as ci
@@ -101,6 +102,9 @@ class RunSources:
     trained_in: str
     base_model_hash: str = ""
     unlearned_model_hash: str = ""
+    generation_prompts: Optional[list] = None  # the prompts that made the training images; None: unknown
+    prompt_source: str = ""                    # where they are known from ("generated", "prompts file", ...)
+    image_sha256s: tuple = ()                  # sha256 of each training image (file bytes or pixels)
 
 
 def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, init_word: str, templates: str,
@@ -116,6 +120,7 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
         "text_encoder_fingerprint": clip_fingerprint(clip) or "",
         "model_fingerprint": model_fingerprint(model) or "",
         "precision": precision,
+        **training_data_metadata(sources.generation_prompts, sources.prompt_source, sources.image_sha256s),
         "training": json.dumps({
             "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
             "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,
