@@ -24,9 +24,12 @@ of folders offers.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
+
+from .embedding_io import sha256_file
 
 INSTALL_HINT = ("NudeNet is not installed. It is an optional dependency (AGPL-3.0 model): install it into the "
                 "Python that runs ComfyUI with `pip install nudenet` (or `pip install .[eval]` in this pack). "
@@ -171,13 +174,20 @@ def detect_file(path: str, detector=None, channel_order: str = DEFAULT_CHANNEL_O
         return detect_rgb(np.asarray(handle.convert("RGB")), detector, channel_order)
 
 
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)[:16]
+
+
 def detector_description(detector=None, channel_order: str = DEFAULT_CHANNEL_ORDER) -> dict:
-    """What to record next to every score: package version, model file, resolution and channel order."""
+    """What to record next to every score: package version, model file (name and content hash, the same on
+    every machine), resolution and channel order."""
     detector = detector or nudenet_detector()
-    model = getattr(detector.onnx_session, "_model_path", None)
+    model = str(getattr(detector.onnx_session, "_model_path", None) or "")
+    stat = os.stat(model) if model and os.path.isfile(model) else None
     return {"detector": "NudeNet", "nudenet_version": nudenet_version(),
-            "model": os.path.basename(str(model)) if model else f"{BUNDLED_MODEL}.onnx",
-            "model_path": str(model) if model else "",
+            "model": os.path.basename(model) if model else f"{BUNDLED_MODEL}.onnx",
+            "model_sha256": _file_digest(model, stat.st_size, stat.st_mtime_ns) if stat else "",
             "inference_resolution": int(detector.input_width), "channel_order": check_channel_order(channel_order)}
 
 
