@@ -376,7 +376,7 @@ def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when
     assert ev("cli").main(["run", str(tmp_path / "strict.toml"), "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "strict = true and 1 leakage finding(s), nothing generated" in error and "2 of 4" in error
-    assert not out.exists()  # refused before the run directory, let alone an image
+    assert not (out / "run.json").exists() and not (out / "images").exists()  # refused before the run, let alone an image
     assert protocol.load_config(str(tmp_path / "strict.toml")).generation_fingerprint() == config.generation_fingerprint()
 
 
