@@ -65,12 +65,16 @@ def _load_implicit(source: NegativeSource, resolve: Resolve) -> dict:
 
 
 def _safree_nodes(source: NegativeSource, clip: list, prompt: str, resolve: Resolve) -> dict:
-    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative."""
+    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative.
+
+    An embedding alone is the whole concept (the node's ``replace``, the paper's SAFREE + C*); an embedding with
+    text joins the keywords (``add``), as text and embedding combine for the other guidance kinds."""
     inputs = {"clip": clip, "prompt": prompt, "concept_keywords": source.text}
     graph = {"safree": {"class_type": SAFREE_NODE, "inputs": inputs}}
     if source.embedding:
         graph["neg_load"] = _load_implicit(source, resolve)
         inputs["implicit_negative"] = ["neg_load", 0]
+        inputs["implicit_negative_use"] = "add" if source.text.strip() else "replace"
     return graph
 
 

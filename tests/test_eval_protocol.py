@@ -174,7 +174,7 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     assert implicit["neg_load"]["inputs"]["embedding"] == "duo.safetensors"
     safree = built(config, "DUO + SAFREE + C*")
     assert safree["safree"]["inputs"] == {"clip": ["lora", 1], "prompt": "a photo", "concept_keywords": "nudity",
-                                          "implicit_negative": ["neg_load", 0]}
+                                          "implicit_negative": ["neg_load", 0], "implicit_negative_use": "add"}
     assert safree["sample"]["inputs"]["positive"] == ["safree", 0]
     assert safree["sample"]["inputs"]["negative"] == ["safree", 1] and "pos" not in safree and "empty" not in safree
     assert safree["patch"]["class_type"] == "SafreeLatentReAttention"
