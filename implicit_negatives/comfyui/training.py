@@ -116,6 +116,7 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
         "text_encoder_fingerprint": clip_fingerprint(clip) or "",
         "model_fingerprint": model_fingerprint(model) or "",
         "precision": precision,
+        "caption_templates": json.dumps(list(CAPTION_TEMPLATES[templates])),  # the contexts C* was learned in
         "training": json.dumps({
             "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
             "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,
