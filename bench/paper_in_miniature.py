@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", default=None, metavar="JSON",
                         help="design 2 only: a JSON list of unlearning settings (Design2Config overrides); samples only "
                              "the validity metrics on seed 0 and writes tuning.json to --out")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="design 2 only: one report in --out from runs of disjoint --seeds written to these folders")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the report (default bench/out/)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline, not the claim")
     parser.add_argument("--cache", default=None,
@@ -125,7 +127,10 @@ def _design2(args, parser) -> int:
             json.dump(previous + rows, f, indent=1)
         print(f"appended {len(rows)} rows to {path}")
         return 0
-    doc = report2.write_report(design2.run(cfg, cache=cache, log=log), args.out, smoke=args.smoke)
+    if args.merge:
+        doc = report2.merge_reports(args.merge, args.out)
+    else:
+        doc = report2.write_report(design2.run(cfg, cache=cache, log=log), args.out, smoke=args.smoke)
     print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")
     for v in design2.VARIANTS:
         d = doc["verdict"][v]

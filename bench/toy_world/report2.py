@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from implicit_negatives.paired import compare_rows
 
 from .design2 import VARIANTS, check_validity
@@ -186,8 +189,9 @@ def markdown(results: dict, v: dict, smoke: bool) -> str:
                          f"{s['attack_state_cosine']:+.3f} | {s['share_in_uce_span']:.3f} |")
     t = results["timings"]
     lines += ["", f"Wall time {t['total_s']:.0f} s (world model {t['world_s']:.0f} s"
-              f"{', cached' if results['world_cached'] else ''}), process CPU time {t['cpu_s']:.0f} s at "
-              f"{t['threads']} threads.", "", "## Design 1", "", DESIGN1, "", "## Tuning log", ""]
+              f"{', cached' if results['world_cached'] else ''}), CPU time {t['cpu_s']:.0f} s at "
+              f"{t['threads']} threads" + (f", seeds split over {t['processes']} processes" if t.get("processes") else "")
+              + ".", "", "## Design 1", "", DESIGN1, "", "## Tuning log", ""]
     lines.append(open(TUNING_LOG).read() if os.path.exists(TUNING_LOG) else "(no tuning log)")
     return "\n".join(lines) + "\n"
 
@@ -202,6 +206,8 @@ def write_report(results: dict, out: str, smoke: bool) -> dict:
     """results.json, report.md, grids/ + grid_overview.png and bar_chart.png into `out`."""
     os.makedirs(out, exist_ok=True)
     images = results.pop("_images")
+    save_file({f"{i:03d}": x.contiguous() for i, x in enumerate(images.values())},
+              os.path.join(out, "grid_images.safetensors"), metadata={"keys": json.dumps(list(images))})
     v = verdict(results)
     doc = dict(results, verdict=v, smoke=smoke)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -214,3 +220,28 @@ def write_report(results: dict, out: str, smoke: bool) -> dict:
                               for k in results["runs"][0]["conditions"]}}
     write_bar_chart(summary, os.path.join(out, "bar_chart.png"))
     return doc
+
+
+def merge_reports(folders: list[str], out: str) -> dict:
+    """One report from runs of disjoint seeds written to `folders` (e.g. one process per seed, with --seeds):
+    the runs are joined in seed order, CPU times added, wall time the longest; grids from the first seed's run."""
+    docs = []
+    for folder in folders:
+        with open(os.path.join(folder, "results.json")) as f:
+            docs.append((folder, json.load(f)))
+    docs.sort(key=lambda d: d[1]["runs"][0]["seed"])
+    seeds = [r["seed"] for _, d in docs for r in d["runs"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the folders hold overlapping seeds {seeds}: merge runs of disjoint seeds")
+    first_folder, first = docs[0]
+    with safe_open(os.path.join(first_folder, "grid_images.safetensors"), "pt") as f:
+        images = {key: f.get_tensor(f"{i:03d}") for i, key in enumerate(json.loads(f.metadata()["keys"]))}
+    results = {k: v for k, v in first.items() if k not in ("verdict", "smoke")}
+    results["runs"] = [r for _, d in docs for r in d["runs"]]
+    results["config"] = dict(first["config"], seeds=seeds)
+    results["timings"] = {"world_s": max(d["timings"]["world_s"] for _, d in docs),
+                          "total_s": max(d["timings"]["total_s"] for _, d in docs),
+                          "cpu_s": sum(d["timings"]["cpu_s"] for _, d in docs), "threads": first["timings"]["threads"],
+                          "processes": len(docs)}
+    results["_images"] = images
+    return write_report(results, out, smoke=first["smoke"])
