@@ -125,7 +125,9 @@ def _design2(args, parser) -> int:
         previous = json.load(open(path)) if os.path.exists(path) else []
         with open(path, "w") as f:
             json.dump(previous + rows, f, indent=1)
-        print(f"appended {len(rows)} rows to {path}")
+        with open(os.path.join(args.out, "tuning.md"), "w") as f:
+            f.write(design2.tuning_markdown(previous + rows))
+        print(f"appended {len(rows)} rows to {path} (and tuning.md)")
         return 0
     if args.merge:
         doc = report2.merge_reports(args.merge, args.out)
