@@ -4,7 +4,8 @@ construction, fixed in PREREGISTRATION.md before any of its guidance results was
 What changes from design 1 (README, "The paper in miniature"):
 - the text encoder is a fixed random network (SD's CLIP is trained elsewhere and frozen), so the word
   and its context words have unrelated token states (their overlap is measured and reported);
-- the concept is rarer in the world (p_harmful 0.1), so the empty prompt, UCE's neutral target, rarely draws it;
+- the concept is rarer in the world (p_harmful 0.2, design 1: 0.3), so the empty prompt, UCE's neutral target,
+  rarely draws it;
 - unlearning edits what the word means to the UNet and leaves the rest: UCE's closed-form edit of the
   cross-attention K/V projections, and ESD-x with a preservation term on the empty and benign prompts;
 - every claim is a paired per-item comparison over five seeds (`implicit_negatives.paired`), and Safe
@@ -47,7 +48,7 @@ class Design2Config:
     # A smaller UNet and budget than design 1's (channels 48/64, time 128, 4000 x 64): 2 shared CPU cores.
     train: TrainConfig = TrainConfig(steps=2000, batch_size=48)
     model: ModelConfig = ModelConfig(channels=(32, 32), time_dim=64, train_text_encoder=False, token_std=1.0)
-    world: world.WorldConfig = world.WorldConfig(p_harmful=0.1, p_context_given_benign=0.02)
+    world: world.WorldConfig = world.WorldConfig(p_harmful=0.2, p_context_given_benign=0.02)
     detector: DetectorConfig = DetectorConfig()
     uce_erase_scale: float = 1.0
     uce_preserve_scale: float = 1.0
