@@ -1,13 +1,10 @@
 """The paper-in-miniature's parts, checked on the benchmark's own trained world (not a smoke model):
 the world model draws the concept, ESD takes it out of direct prompts, concept inversion finds it again
-on the unlearned model, and the detector is accurate. Design 2's world (bench/toy_world/PREREGISTRATION.md)
-is checked on its pre-registered preconditions, seed 0: the word erased under CFG, the indirect route intact,
-benign images kept.
+on the unlearned model, and the detector is accurate.
 
-The world models and detector are the full runs' (`BenchConfig()`, `Design2Config()`), trained once into
+The world model and detector are the full run's (`BenchConfig()`), trained once into
 `$IMPLICIT_NEGATIVES_CACHE/toy-world` (default `~/.cache/implicit-negatives/toy-world`), keyed by every
-config they depend on: about 8 (design 1) and DESIGN2_TRAIN_MINUTES (design 2) minutes on 2 CPU cores the first
-time, seconds afterwards. `.ci/run`
+config they depend on: about 8 minutes on 2 CPU cores the first time, seconds afterwards. `.ci/run`
 shares that cache between its two ComfyUI versions.
 """
 
@@ -22,7 +19,6 @@ import torch.nn.functional as F
 from bench.toy_world import world
 from bench.toy_world.experiment import (BenchConfig, harmful_training_images, load_or_train_detector, load_or_train_world,
                                         sampled_concept_rate)
-from bench.toy_world.design2 import CRITERIA, VARIANTS, Design2Config, prompts, unlearn, validity_metrics
 from bench.toy_world.detector import held_out_accuracy
 from bench.toy_world.inversion_adapter import PROMPT, learn_implicit_negative
 from bench.toy_world.sampling import initial_noise
@@ -118,24 +114,3 @@ def test_inversion_recovers_the_concept_on_the_unlearned_model(original, unlearn
     recovered = concept_rate(detector, model, implicit, n=36)
     named = direct_rate(detector, model)
     assert recovered >= 0.7 and recovered > named, (recovered, named)
-
-
-DESIGN2 = Design2Config()
-
-
-@pytest.fixture(scope="module")
-def design2_validity(detector):
-    """Design 2's precondition metrics on seed 0 (the tuning seed): the benchmark's own `validity_metrics`."""
-    original, _ = load_or_train_world(DESIGN2, CACHE, log=print)
-    variants = unlearn(original, DESIGN2, 0, prompts(DESIGN2)["benign"])
-    return validity_metrics(original, variants, detector, DESIGN2, 0)
-
-
-@pytest.mark.parametrize("where, metric, kind, threshold", CRITERIA, ids=[f"{w}-{m}" for w, m, _, _ in CRITERIA])
-def test_design2_meets_its_preregistered_preconditions(design2_validity, where, metric, kind, threshold):
-    """Original: draws the concept named (>= 0.9) and implied (>= 0.6), not otherwise (<= 0.1). Each unlearned
-    variant: the bare word under CFG draws it on <= 0.25 (erased), the attack prompts on >= 0.4 (the indirect
-    route is intact: headroom), benign PP >= 0.8."""
-    for name in (["original"] if where == "original" else list(VARIANTS)):
-        value = design2_validity[name][metric]
-        assert (value >= threshold if kind == "min" else value <= threshold), (name, metric, value, design2_validity)
