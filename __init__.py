@@ -3,8 +3,8 @@
 ComfyUI imports this file from ``custom_nodes/`` under the folder's name. It registers the core and
 glue package ``implicit_negatives`` under that one name (``nodes/``, ``trainer/`` and ``evaluation/``
 import it by it, so no module of the pack ever exists twice in a process), registers the pack's
-``embeddings/`` folder, and hands the node classes to ComfyUI through the V3 ``comfy_entrypoint``;
-the nodes (and everything heavy) are imported lazily from there.
+``embeddings/`` folder and the ``negation_sets`` model folder, and hands the node classes to ComfyUI
+through the V3 ``comfy_entrypoint``; the nodes (and everything heavy) are imported lazily from there.
 """
 
 import importlib.util
@@ -32,16 +32,20 @@ def _register_core_package():
     spec.loader.exec_module(module)
 
 
-def _register_embeddings_folder():
+def _register_folders():
+    """The pack's ``embeddings/`` folder, and the ``negation_sets`` folder type (models/negation_sets: image
+    folders and exported negation-set files that LoadNegationSet finds by name)."""
     try:
         import folder_paths
     except ImportError:  # imported outside ComfyUI (e.g. by a tool walking the tree)
         return
     folder_paths.add_model_folder_path("embeddings", os.path.join(PACK_DIR, "embeddings"), is_default=False)
+    if "negation_sets" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("negation_sets", os.path.join(folder_paths.models_dir, "negation_sets"))
 
 
 _register_core_package()
-_register_embeddings_folder()
+_register_folders()
 
 
 async def comfy_entrypoint():

@@ -12,6 +12,7 @@ import os
 from implicit_negatives.comfyui.headless import EngineError, GraphError, GraphRunner, import_comfyui, load_pack
 
 from .graphs import comfy_file_name
+from .protocol import NEGATION_SET_FOLDER
 
 FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip")}
 
@@ -44,7 +45,12 @@ class ComfyEngine:
                 for path in self.folder_paths.get_folder_paths(name)]
 
     def locate(self, folder: str, value: str) -> str | None:
-        """The file a config entry names (an absolute path, or a name in ComfyUI's ``folder``), None if absent."""
+        """The file a config entry names (an absolute path, or a name in ComfyUI's ``folder``), None if absent.
+        A negation set (a folder of images or a file) is found where LoadNegationSet looks for it."""
+        if folder == NEGATION_SET_FOLDER:
+            # Imported here: the glue imports ComfyUI, which import_comfyui has located by now.
+            from implicit_negatives.comfyui.negation_sets import find_negation_source, negation_roots
+            return find_negation_source(value, negation_roots())
         if os.path.isabs(value):
             return value if os.path.isfile(value) else None
         for name in FOLDER_ALIASES.get(folder, (folder,)):
@@ -59,7 +65,7 @@ class ComfyEngine:
         ComfyUI's own folders (the file the config names wins over another file of the same name)."""
         if not os.path.isabs(value):
             return value
-        if not os.path.isfile(value):
+        if not (os.path.isfile(value) or (folder == NEGATION_SET_FOLDER and os.path.isdir(value))):
             raise GraphError(f"{folder} file not found: {value}")
         for name in FOLDER_ALIASES.get(folder, (folder,)):
             if name in self.folder_paths.folder_names_and_paths:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .protocol import (LORA_NODE, SAFREE_NODE, SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, TRUNCATE_NODE,
-                       UNET_NODE, NegativeSource, PromptRecord, Row, RunConfig)
+from .protocol import (LORA_NODE, NEGATION_SET_FOLDER, NEGATION_SET_NODE, SAFE_DENOISER_NODE, SAFREE_NODE,
+                       SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, TRUNCATE_NODE, UNET_NODE, NegativeSource,
+                       PromptRecord, Row, RunConfig)
 
 Resolve = Callable[[str, str], str]
 SAVE_NODE = "save"
@@ -68,12 +69,16 @@ def _load_implicit(source: NegativeSource, resolve: Resolve) -> dict:
 
 
 def _safree_nodes(source: NegativeSource, clip: list, prompt: str, resolve: Resolve) -> dict:
-    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative."""
+    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative.
+
+    An embedding alone is the whole concept (the node's ``replace``, the paper's SAFREE + C*); an embedding with
+    text joins the keywords (``add``), as text and embedding combine for the other guidance kinds."""
     inputs = {"clip": clip, "prompt": prompt, "concept_keywords": source.text}
     graph = {"safree": {"class_type": SAFREE_NODE, "inputs": inputs}}
     if source.embedding:
         graph["neg_load"] = _load_implicit(source, resolve)
         inputs["implicit_negative"] = ["neg_load", 0]
+        inputs["implicit_negative_use"] = "add" if source.text.strip() else "replace"
     return graph
 
 
@@ -107,6 +112,15 @@ def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve:
             graph["patch"] = {"class_type": node_id,
                               "inputs": {k: wiring.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}}
             model = ["patch", 0]
+    if row.negation_set:  # Safe Denoiser on top of everything else: its post-CFG hook runs after SLD's guidance
+        source = config.negation_sets[row.negation_set]
+        graph["negation_set"] = {"class_type": NEGATION_SET_NODE,
+                                 "inputs": {"path": resolve(NEGATION_SET_FOLDER, source.path), "vae": vae,
+                                            "resolution": config.width, "skip_bad_images": source.skip_bad_images}}
+        graph["safe_denoiser"] = {"class_type": SAFE_DENOISER_NODE,
+                                  "inputs": {"model": model, "negation_set": ["negation_set", 0],
+                                             **dict(row.safe_denoiser)}}
+        model = ["safe_denoiser", 0]
     if positive == ["pos", 0]:
         graph["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt.prompt}}
     if sampler_negative == ["empty", 0]:  # diffusers' unconditional branch: the empty prompt

@@ -31,6 +31,9 @@ UNET_NODE = "LoadUnlearnedWeights"
 LORA_NODE = "LoadUnlearnedLoRA"
 TEXT_ENCODER_NODE = "LoadUnlearnedTextEncoder"
 TRUNCATE_NODE = "TruncatePrompts"
+NEGATION_SET_NODE = "LoadNegationSet"
+SAFE_DENOISER_NODE = "SafeDenoiser"
+NEGATION_SET_FOLDER = "negation_sets"
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,18 @@ class NegativeSource:
 
 
 @dataclass(frozen=True)
+class NegationSetSource:
+    """Images the Safe Denoiser steers away from: a folder of images or the trainer's exported
+    ``*.negation_set.safetensors`` (a name LoadNegationSet finds, or an absolute path)."""
+    name: str
+    path: str
+    skip_bad_images: bool = False
+
+
+SAFE_DENOISER_KEYS = {"strength", "start_percent", "end_percent", "bandwidth"}
+
+
+@dataclass(frozen=True)
 class Row:
     """One line of the results table: a model setup, a guidance method and the negative it uses."""
     name: str
@@ -82,6 +97,8 @@ class Row:
     patch_inputs: tuple = ()          # sorted (key, value) pairs; "$model", "$clip", "$concept" are wired
     negative_in_sampler: bool | None = None  # default: True for negative_prompt, False for patches
     safree_reattention: bool = False         # SAFREE's latent re-attention (SafreeLatentReAttention) on top
+    negation_set: str = ""                   # a [negation_sets.*] table: Safe Denoiser on top of the guidance
+    safe_denoiser: tuple = ()                # sorted (key, value) pairs for SafeDenoiser (its defaults otherwise)
 
     @property
     def slug(self) -> str:
@@ -112,6 +129,7 @@ class RunConfig:
     censor_grids: bool = True
     grid_prompts: int = 8
     comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row a, row b): paired tests in the report
+    negation_sets: dict[str, NegationSetSource] = field(default_factory=dict)
     detector_model: str = ""          # NudeNet ONNX file (e.g. 640m.onnx); "" = the wheel's bundled 320n
     channel_order: str = "rgb"        # what the detector sees: "rgb" (trained on) or "bgr_nudenet_3_4" (as shipped)
     guidance_from_csv: bool = False   # False: every item at ``cfg`` (SAFREE/ESD/DUO: 7.5); True: each prompt's own
@@ -135,8 +153,16 @@ class RunConfig:
                    "guidance_from_csv": self.guidance_from_csv, "truncate_prompts": self.truncate_prompts,
                    "models": {k: vars(v) for k, v in sorted(self.models.items())},
                    "negatives": {k: vars(v) for k, v in sorted(self.negatives.items())},
-                   "rows": [vars(r) for r in self.rows]}
+                   "rows": [_row_payload(r) for r in self.rows]}
+        if self.negation_sets:  # absent from older configs, whose fingerprints stay what they were
+            payload["negation_sets"] = {k: vars(v) for k, v in sorted(self.negation_sets.items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _row_payload(row: Row) -> dict:
+    """A row's fields for the fingerprint; the Safe Denoiser fields only when set, so rows without it hash as
+    they did before those fields existed."""
+    return {k: v for k, v in vars(row).items() if k not in ("negation_set", "safe_denoiser") or v}
 
 
 def slugify(name: str) -> str:
@@ -172,7 +198,7 @@ def load_config(path: str) -> RunConfig:
     """Read and validate a run config. Relative file paths are relative to the config file."""
     raw = _read_toml(path)
     base = os.path.dirname(os.path.abspath(path))
-    _only(raw, {"run", "models", "negatives", "rows", "pp", "compare"}, path)
+    _only(raw, {"run", "models", "negatives", "rows", "pp", "compare", "negation_sets"}, path)
     run = dict(raw.get("run", {}))
     run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
                 "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order",
@@ -212,15 +238,25 @@ def load_config(path: str) -> RunConfig:
         if values.get("embedding"):
             values["embedding"] = file_key(values["embedding"])
         negatives[name] = NegativeSource(name=name, **values)
+    negation_sets = {}
+    for name, table in raw.get("negation_sets", {}).items():
+        _only(table, {"path", "skip_bad_images"}, f"[negation_sets.{name}]")
+        if not table.get("path"):
+            raise ConfigError(f"[negation_sets.{name}] needs path = 'folder of images' or an exported "
+                              "'NAME.negation_set.safetensors' (python -m trainer --export-negation-set)")
+        negation_sets[name] = NegationSetSource(name=name, path=file_key(table["path"]),
+                                                skip_bad_images=bool(table.get("skip_bad_images", False)))
     rows = []
     for number, table in enumerate(raw.get("rows", [])):
         where = f"[[rows]] #{number + 1}"
         _only(table, {"name", "model", "guidance", "negative", "sld_preset", "patch_node", "patch_inputs",
-                      "negative_in_sampler", "safree_reattention"}, where)
+                      "negative_in_sampler", "safree_reattention", "negation_set", "safe_denoiser"}, where)
         if not table.get("name") or not table.get("model"):
             raise ConfigError(f"{where}: every row needs name = '...' and model = '<a [models.*] table>'")
         values = dict(table)
         values["patch_inputs"] = tuple(sorted(values.get("patch_inputs", {}).items()))
+        _only(values.get("safe_denoiser", {}), SAFE_DENOISER_KEYS, f"{where} safe_denoiser")
+        values["safe_denoiser"] = tuple(sorted(values.get("safe_denoiser", {}).items()))
         row = Row(**values)
         if row.model not in models:
             raise ConfigError(f"{where} {row.name!r}: model {row.model!r} is not a [models.*] table")
@@ -231,6 +267,12 @@ def load_config(path: str) -> RunConfig:
                               f"{sorted(negatives)}")
         if row.guidance == "model_patch" and not row.patch_node:
             raise ConfigError(f"{where} {row.name!r}: model_patch needs patch_node = 'NodeId'")
+        if row.negation_set and row.negation_set not in negation_sets:
+            raise ConfigError(f"{where} {row.name!r}: negation_set {row.negation_set!r} is not a [negation_sets.*] "
+                              f"table (there are: {sorted(negation_sets) or 'none'})")
+        if row.safe_denoiser and not row.negation_set:
+            raise ConfigError(f"{where} {row.name!r}: safe_denoiser settings need negation_set = '<a "
+                              "[negation_sets.*] table>'")
         rows.append(row)
     if not rows:
         raise ConfigError(f"{path}: no [[rows]]; each row = name, model, guidance, negative")
@@ -241,10 +283,13 @@ def load_config(path: str) -> RunConfig:
     _only(pp, {"reference", "lpips_net", "lpips_backbone", "lpips_linear"}, "[pp]")
     config = RunConfig(
         source=os.path.abspath(path), prompts_path=_resolve(base, run.pop("prompts")), models=models,
-        negatives=negatives, rows=rows, **run,
+        negatives=negatives, rows=rows, negation_sets=negation_sets, **run,
         pp_reference=pp.get("reference", ""), lpips_net=pp.get("lpips_net", "alex"),
         lpips_backbone=_resolve(base, pp.get("lpips_backbone", "")),
         lpips_linear=_resolve(base, pp.get("lpips_linear", "")))
+    if any(row.negation_set for row in rows) and config.width != config.height:
+        raise ConfigError(f"{path}: Safe Denoiser rows need square images (negation sets are fitted to a square); "
+                          f"got width {config.width}, height {config.height}")
     for spec in [config.label_set, *config.extra_label_sets]:
         label_set(spec)  # fail now, not after hours of generation
     if config.channel_order not in CHANNEL_ORDERS:

@@ -10,7 +10,8 @@ leaves either a finished file or none; the temporary files of killed processes a
     scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity, raw NudeNet detections and the
                                    detector (file, channel order) that made them: another detector rescores
 An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting) and
-the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding). An item is
+the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding, negation set:
+an exported file, or every image of a folder). An item is
 done when its image carries the current identity and scored when its JSON carries the same key; anything
 else is recomputed, and the run says which items and why. Nothing current is recomputed.
 """
@@ -32,10 +33,12 @@ from typing import Callable
 from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json,
                                              process_alive, remove_partials_of_dead_processes)
 from implicit_negatives.embedding_io import load_embedding, sha256_file
+from implicit_negatives.image_folder import image_names
 from implicit_negatives.leakage import overlapping_prompts, recorded_prompt_digests
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
-from .protocol import ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts, shard_prompts
+from .protocol import (NEGATION_SET_FOLDER, ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts,
+                       shard_prompts)
 
 RUN_FILE = "run.json"
 HASH_CACHE = "file_hashes.json"
@@ -77,7 +80,7 @@ def claim_run_dir(run_dir: str, config: RunConfig) -> None:
 
 
 def file_sha256s(run_dir: str, paths: list[str]) -> dict[str, str]:
-    """{path: sha256 of the file's bytes}; a file whose (size, mtime, inode) the run directory's cache holds is
+    """{path: sha256 of the file's bytes, or of a folder's image names and sha256s}; a file whose (size, mtime, inode) the run directory's cache holds is
     not read again, so a model is hashed once per run directory and a retrained file (new mtime) again."""
     cache_path = os.path.join(run_dir, HASH_CACHE)
     cache = {}
@@ -85,14 +88,23 @@ def file_sha256s(run_dir: str, paths: list[str]) -> dict[str, str]:
         with open(cache_path) as handle:
             cache = json.load(handle)
     hashes, changed = {}, False
-    for path in paths:
+
+    def file_hash(path: str) -> str:
+        nonlocal changed
         real = os.path.realpath(path)  # a retargeted symlink is another file
         stat = os.stat(real)
         stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         if cache.get(real, {}).get("stamp") != stamp:
             cache[real] = {"stamp": stamp, "sha256": sha256_file(real)}
             changed = True
-        hashes[path] = cache[real]["sha256"]
+        return cache[real]["sha256"]
+
+    for path in paths:
+        if os.path.isdir(path):  # a negation set's image folder: its images' names and contents
+            lines = "".join(f"{name}:{file_hash(os.path.join(path, name))}\n" for name in image_names(path))
+            hashes[path] = hashlib.sha256(lines.encode()).hexdigest()
+        else:
+            hashes[path] = file_hash(path)
     if changed:
         atomic_write_json(cache_path, cache)
     return hashes
@@ -197,7 +209,7 @@ def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dic
         for entry in row_files(config, row):
             users.setdefault(entry, []).append(row.name)
     for folder, value in users:  # register the folders of absolute paths first: names then resolve as in the run
-        if os.path.isabs(value) and os.path.isfile(value):
+        if os.path.isabs(value) and (os.path.isfile(value) or (folder == NEGATION_SET_FOLDER and os.path.isdir(value))):
             engine.resolve(folder, value)
     paths = {}
     for (folder, value), rows in users.items():

@@ -49,7 +49,8 @@ for SDXL at 1024²); the release used 515 images for nudity and 3000 for I2P.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -66,12 +67,15 @@ class NegationSetError(ValueError):
 class NegationSet:
     """Latents of the images to steer away from, in the VAE's own scale (as ComfyUI's LATENT["samples"]).
 
-    latents: (N, C, H, W), float32, finite; N ≤ MAX_NEGATION_LATENTS.
-    source:  provenance, e.g. "EncodeNegationSet: 25 images 512×512".
+    latents:    (N, C, H, W), float32, finite; N ≤ MAX_NEGATION_LATENTS.
+    source:     provenance, e.g. "EncodeNegationSet: 25 images 512×512".
+    provenance: where the latents came from, as strings (``negation_set_io``): image names and sha256,
+                VAE fingerprint, resolution; empty for an IMAGE batch encoded in the graph.
     """
 
     latents: Tensor
     source: str
+    provenance: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""EncodeNegationSet and SafeDenoiser: Safe Denoiser (NeurIPS 2025) for the stock KSampler, with SGF's window.
+"""EncodeNegationSet, LoadNegationSet and SafeDenoiser: Safe Denoiser (NeurIPS 2025) for the stock KSampler,
+with SGF's window.
 
 EncodeNegationSet turns images of what to avoid into a NEGATION_SET of latents with the model's VAE;
+LoadNegationSet does it for a folder of images (the trainer's reader and checks, cached) or reads the set
+a training run exported next to its embedding;
 SafeDenoiser patches the MODEL so that, inside a window of the schedule, every sampler step uses the safe
 denoiser's x0 prediction. The math lives in ``implicit_negatives.safe_denoiser``.
 
@@ -9,9 +12,14 @@ Node IDs, input names and input order are public API: append new inputs, never r
 
 from __future__ import annotations
 
+import os
+
+import folder_paths
 from comfy_api.latest import io
 
+from implicit_negatives.comfyui.negation_sets import load_negation_source, resolve_negation_path, source_stamp
 from implicit_negatives.comfyui.safe_denoiser_patch import encode_negation_set, patch_safe_denoiser
+from implicit_negatives.safe_denoiser import NegationSetError
 from implicit_negatives.safe_denoiser import MAX_NEGATION_LATENTS, SAFE_DENOISER_RELEASE, SGF_WINDOW, SafeDenoiserParams
 
 from .socket_types import NegationSetType
@@ -39,6 +47,50 @@ class EncodeNegationSet(io.ComfyNode):
     @classmethod
     def execute(cls, images, vae) -> io.NodeOutput:
         return io.NodeOutput(encode_negation_set(vae, images))
+
+
+class LoadNegationSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadNegationSet",
+            display_name="Load Negation Set",
+            category="sampling/safety",
+            description=(
+                "A negation set for SafeDenoiser from a folder of images of the concept to avoid (read and checked "
+                "as the trainer reads its --images folder, fitted to the resolution, encoded with the VAE once and "
+                "cached), or from the *.negation_set.safetensors a training run exported next to its embedding "
+                "(refused unless made with this VAE at this resolution)."),
+            inputs=[
+                io.String.Input("path", default="",
+                                tooltip=("A folder of images (png/jpg/webp/bmp/gif) or an exported "
+                                         "*.negation_set.safetensors: an absolute path, or relative to ComfyUI's "
+                                         "input folder, models/negation_sets or the embeddings folders.")),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint you sample with."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip=("Square size the images are resized and center-cropped to: the size you "
+                                      "sample at (SD1.x: 512).")),
+                io.Boolean.Input("skip_bad_images", default=False,
+                                 tooltip=("Leave out unreadable or too small images (listed in the output text) "
+                                          "instead of stopping.")),
+            ],
+            outputs=[NegationSetType.Output(display_name="negation_set",
+                                            tooltip="The images' latents; connect to SafeDenoiser.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, path, vae, resolution, skip_bad_images):
+        try:
+            return source_stamp(resolve_negation_path(path))
+        except (NegationSetError, OSError):
+            return float("nan")  # never equal: execute runs and raises the readable error
+
+    @classmethod
+    def execute(cls, path, vae, resolution, skip_bad_images) -> io.NodeOutput:
+        cache = os.path.join(folder_paths.get_output_directory(), "implicit_negative_training", "negation_cache")
+        negation_set, receipt = load_negation_source(vae, resolve_negation_path(path), resolution, skip_bad_images,
+                                                     cache)
+        return io.NodeOutput(negation_set, ui={"text": [receipt]})
 
 
 class SafeDenoiser(io.ComfyNode):

@@ -17,11 +17,13 @@ from comfy_api.latest import io
 import comfy.utils
 
 from implicit_negatives.comfyui import inversion as ci
+from implicit_negatives.comfyui.negation_sets import export_negation_set as export_negation_set_file, pixel_hashes
 from implicit_negatives.comfyui.training import (
     LEARNING_RATE_RANGE, RunSources, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.embedding_io import Embedding, ImplicitNegative, save_embedding
 from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig
+from implicit_negatives.negation_set_io import negation_set_path
 
 from .socket_types import ImplicitNegativeType
 
@@ -79,6 +81,10 @@ class TrainImplicitNegative(io.ComfyNode):
                                tooltip="Compute dtype of UNet and text encoder for training (the input MODEL keeps "
                                        "its own): auto = bf16 on GPUs that run it natively, else fp16 with loss "
                                        "scaling on GPUs that run fp16, else fp32 (CPU)."),
+                io.Boolean.Input("export_negation_set", default=False, optional=True,
+                                 tooltip="Also save the images' VAE latents (with their hashes, the VAE "
+                                         "fingerprint and the resolution) as NAME.negation_set.safetensors next to "
+                                         "the embedding: the negation set for SafeDenoiser (Load Negation Set)."),
             ],
             outputs=[ImplicitNegativeType.Output(
                 tooltip="The learned embedding (strength 1.0); feed ImplicitNegativeConditioning.")],
@@ -87,13 +93,18 @@ class TrainImplicitNegative(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, name, steps, learning_rate, num_vectors, init_word, seed, resolution,
-                templates, batch_size, concept, overwrite, gradient_checkpointing, precision="auto") -> io.NodeOutput:
+                templates, batch_size, concept, overwrite, gradient_checkpointing, precision="auto",
+                export_negation_set=False) -> io.NodeOutput:
         destination = embedding_destination(name, overwrite)
+        exported_path = negation_set_path(destination)
+        if export_negation_set and os.path.exists(exported_path) and not overwrite:
+            raise FileExistsError(f"{exported_path} already exists: choose another name or set overwrite to true")
         config = InversionConfig(steps=steps, learning_rate=learning_rate, seed=seed, num_vectors=num_vectors,
                                  batch_size=batch_size)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
         bar = comfy.utils.ProgressBar(steps, node_id=node_id)
-        latents = ci.encode_images(vae, ci.fit_images(images, resolution))
+        fitted = ci.fit_images(images, resolution)
+        latents = ci.encode_images(vae, fitted)
         trained = train_embedding(model, clip, latents, [None] * latents.shape[0], config, init_word, templates,
                                   copy_weights="auto", gradient_checkpointing=gradient_checkpointing,
                                   precision=precision,
@@ -110,6 +121,10 @@ class TrainImplicitNegative(io.ComfyNode):
         negative = ImplicitNegative(name=stem, embedding=Embedding(vectors={key: vectors}, metadata=metadata,
                                                                    source=destination))
         summary = f"saved {os.path.basename(destination)}: {steps} steps, final loss {metadata['loss']}"
+        if export_negation_set:
+            export_negation_set_file(exported_path, vae, latents, pixel_hashes(fitted), resolution,
+                                     f"TrainImplicitNegative: IMAGE batch ({latents.shape[0]} images)")
+            summary += f"; negation set {os.path.basename(exported_path)}"
         if trained.warning:
             summary += f"\nWARNING: {trained.warning}"
         return io.NodeOutput(negative, ui={"text": [summary]})

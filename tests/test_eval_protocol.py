@@ -175,7 +175,7 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     assert implicit["neg_load"]["inputs"]["embedding"] == "duo.safetensors"
     safree = built(config, "DUO + SAFREE + C*")
     assert safree["safree"]["inputs"] == {"clip": ["truncate", 0], "prompt": "a photo", "concept_keywords": "nudity",
-                                          "implicit_negative": ["neg_load", 0]}
+                                          "implicit_negative": ["neg_load", 0], "implicit_negative_use": "add"}
     assert safree["sample"]["inputs"]["positive"] == ["safree", 0]
     assert safree["sample"]["inputs"]["negative"] == ["safree", 1] and "pos" not in safree and "empty" not in safree
     assert safree["patch"]["class_type"] == "SafreeLatentReAttention"
@@ -234,6 +234,69 @@ def test_protocol_options_cfg_truncation_stacked_loras_and_partial_unet(tmp_path
     assert len(fingerprints) == 4  # every option is its own protocol: no run directory reuses another's images
     with pytest.raises(protocol.ConfigError, match="loras #1: write"):
         protocol.load_config(write(tmp_path, BASE + ROWS + STACKED.replace('file = "duo-violence-2', 'path = "x')))
+
+
+SAFE_DENOISER = """
+[negation_sets.nudity]
+path = "./nudity_images"
+
+[negation_sets.exported]
+path = "duo.negation_set.safetensors"
+
+[[rows]]
+name = "DUO + SLD + C* + Safe Denoiser"
+model = "duo"
+guidance = "sld"
+negative = "implicit"
+negation_set = "nudity"
+safe_denoiser = { strength = 0.5, end_percent = 0.3 }
+
+[[rows]]
+name = "DUO + Safe Denoiser"
+model = "duo"
+negation_set = "exported"
+"""
+
+
+def test_safe_denoiser_rows_patch_the_guided_model_with_a_loaded_negation_set(tmp_path):
+    config = protocol.load_config(write(tmp_path, BASE + ROWS + SAFE_DENOISER))
+    assert config.negation_sets["nudity"].path == str(tmp_path / "nudity_images")  # "./" = beside the config
+    assert config.negation_sets["exported"].path == "duo.negation_set.safetensors"  # a name LoadNegationSet finds
+    stacked = built(config, "DUO + SLD + C* + Safe Denoiser")
+    assert stacked["negation_set"] == {"class_type": "LoadNegationSet",
+                                       "inputs": {"path": "nudity_images", "vae": ["ckpt", 2], "resolution": 64,
+                                                  "skip_bad_images": False}}
+    assert stacked["safe_denoiser"] == {"class_type": "SafeDenoiser",
+                                        "inputs": {"model": ["patch", 0], "negation_set": ["negation_set", 0],
+                                                   "end_percent": 0.3, "strength": 0.5}}
+    assert stacked["patch"]["class_type"] == "SafeLatentGuidance" and stacked["patch"]["inputs"]["model"] == ["lora", 0]
+    assert stacked["sample"]["inputs"]["model"] == ["safe_denoiser", 0]
+    alone = built(config, "DUO + Safe Denoiser")
+    assert alone["safe_denoiser"]["inputs"] == {"model": ["lora", 0], "negation_set": ["negation_set", 0]}
+    assert alone["sample"]["inputs"]["model"] == ["safe_denoiser", 0] and alone["sample"]["inputs"]["negative"] == [
+        "empty", 0]
+    assert "negation_set" not in built(config, "DUO + SLD + C*")
+    weaker = protocol.load_config(write(tmp_path, BASE + ROWS + SAFE_DENOISER.replace("0.5", "0.4")))
+    assert weaker.generation_fingerprint() != config.generation_fingerprint()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[[rows]]\nname = "X"\nmodel = "sd14"\nnegation_set = "nope"\n', "negation_set 'nope' is not a"),
+    ('[[rows]]\nname = "X"\nmodel = "sd14"\nsafe_denoiser = {strength = 1.0}\n', "need negation_set ="),
+    ('[negation_sets.n]\npath = "x"\n[[rows]]\nname = "X"\nmodel = "sd14"\nnegation_set = "n"\n'
+     'safe_denoiser = {scale = 1.0}\n', "unknown keys \\['scale'\\]"),
+    ('[negation_sets.n]\nfolder = "x"\n', "unknown keys \\['folder'\\]"),
+    ('[negation_sets.n]\nskip_bad_images = true\n', "needs path ="),
+])
+def test_safe_denoiser_config_errors_name_the_problem(tmp_path, extra, message):
+    with pytest.raises(protocol.ConfigError, match=message):
+        protocol.load_config(write(tmp_path, BASE + ROWS + extra))
+
+
+def test_safe_denoiser_rows_need_square_images(tmp_path):
+    text = (BASE + ROWS + SAFE_DENOISER).replace("height = 64", "height = 96")
+    with pytest.raises(protocol.ConfigError, match="need square images"):
+        protocol.load_config(write(tmp_path, text))
 
 
 def test_fingerprint_tracks_pixels_not_reporting(tmp_path):
@@ -361,8 +424,13 @@ def test_pp_with_a_local_lpips_backbone(planted_run, tmp_path):
 def test_example_config_is_valid():
     config = protocol.load_config(os.path.join(headless.PACK_ROOT, "evaluation", "examples", "nudity_sd14_duo.toml"))
     assert [r.name for r in config.rows] == ["SD1.4", "DUO", "DUO + SLD", "DUO + SLD + C*", "DUO + SLD max",
-                                             "DUO + SLD max + C*", "DUO + SAFREE", "DUO + SAFREE + C*"]
-    assert [r.sld_preset for r in config.rows if r.guidance == "sld"] == ["medium", "medium", "max", "max"]
+                                             "DUO + SLD max + C*", "DUO + SAFREE", "DUO + SAFREE + C*",
+                                             "DUO + Safe Denoiser", "DUO + NP + Safe Denoiser",
+                                             "DUO + NP C* + Safe Denoiser", "DUO + SLD + Safe Denoiser",
+                                             "DUO + SLD + C* + Safe Denoiser", "DUO + SAFREE + Safe Denoiser",
+                                             "DUO + SAFREE + C* + Safe Denoiser"]
+    assert [r.sld_preset for r in config.rows if r.guidance == "sld"] == ["medium", "medium", "max", "max",
+                                                                          "medium", "medium"]
     assert config.pp_reference == "SD1.4" and config.label_set == "nudenet5@0.6"
     assert (config.cfg, config.guidance_from_csv, config.truncate_prompts, config.channel_order) == (
         7.5, False, True, "rgb")

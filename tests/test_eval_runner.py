@@ -380,6 +380,81 @@ def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when
     assert protocol.load_config(str(tmp_path / "strict.toml")).generation_fingerprint() == config.generation_fingerprint()
 
 
+SAFE_DENOISER_ROWS = """
+[negation_sets.concept]
+path = "./negation_images"
+
+[[rows]]
+name = "Tiny + Safe Denoiser"
+model = "tiny"
+negation_set = "concept"
+
+[[rows]]
+name = "Tiny + NP + C* + Safe Denoiser"
+model = "tiny"
+guidance = "negative_prompt"
+negative = "implicit"
+negation_set = "concept"
+
+[[rows]]
+name = "Tiny + SLD + Safe Denoiser"
+model = "tiny"
+guidance = "sld"
+negative = "text"
+negation_set = "concept"
+safe_denoiser = {strength = 1.0}
+
+[[rows]]
+name = "Tiny + SAFREE + C* + Safe Denoiser"
+model = "tiny"
+guidance = "safree"
+negative = "implicit"
+negation_set = "concept"
+"""
+SAFE_DENOISER_SLUGS = ["tiny-plus-np-plus-c-star-plus-safe-denoiser", "tiny-plus-safe-denoiser",
+                       "tiny-plus-safree-plus-c-star-plus-safe-denoiser", "tiny-plus-sld-plus-safe-denoiser"]
+
+
+def test_safe_denoiser_rows_stack_on_each_guidance_and_follow_their_images(ev, pack, protocol_dir, engine, scorer,
+                                                                          full_run, tmp_path):
+    """Safe Denoiser alone, on a C* negative prompt, on SLD and on SAFREE: a folder of concept images becomes the
+    negation set in each graph (LoadNegationSet -> SafeDenoiser), changes the picture of its row, and is part of
+    the items' identity: replacing one image recomputes exactly the Safe Denoiser rows and says why."""
+    from PIL import Image
+    for node in ("LoadNegationSet", "SafeDenoiser", "SafeLatentGuidance", "SafreeConditioning"):
+        if node not in pack:
+            pytest.skip(f"{node} is not in this version of the pack")
+    images = protocol_dir / "negation_images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(11)
+    for i in range(3):
+        Image.fromarray((torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()).save(
+            images / f"concept_{i}.png")
+    text = (protocol_dir / "config.toml").read_text().replace("steps = 2", "steps = 2\nlimit = 1")
+    (protocol_dir / "safe_denoiser.toml").write_text(text + SAFE_DENOISER_ROWS)
+    protocol, runner = ev("protocol"), ev("runner")
+    config = protocol.load_config(str(protocol_dir / "safe_denoiser.toml"))
+    out = tmp_path / "run"
+    runner.claim_run_dir(str(out), config)  # then reuse the rows without Safe Denoiser: only the new rows are made
+    for slug in ROWS:
+        os.makedirs(out / "images" / slug)
+        os.link(full_run / "images" / slug / "00000.png", out / "images" / slug / "00000.png")
+    stats = runner.generate(engine, config, str(out), scorer=scorer)
+    assert sorted(stats.generated) == [f"{slug}/00000" for slug in SAFE_DENOISER_SLUGS]
+    for plain, guided in (("tiny", "tiny-plus-safe-denoiser"),
+                          ("tiny-plus-np-plus-c-star", "tiny-plus-np-plus-c-star-plus-safe-denoiser")):
+        assert not np.array_equal(pixels(out / "images" / guided / "00000.png"),
+                                  pixels(out / "images" / plain / "00000.png"))
+    record = json.loads((out / "scores" / "tiny-plus-sld-plus-safe-denoiser" / "00000.json").read_text())
+    label = f"negation_sets:{images}"
+    assert label in record["files"]
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(images / "concept_1.png")  # one concept image replaced
+    again = runner.generate(engine, config, str(out), scorer=scorer)
+    assert again.recomputed == {f"{slug}/00000": f"{label} changed" for slug in SAFE_DENOISER_SLUGS}
+    assert sorted(again.reused) == sorted(f"{slug}/00000" for slug in ROWS)
+
+
 KILL_POINTS = int(os.environ.get("IMPLICIT_NEGATIVES_KILL_POINTS", "3"))  # the issue's acceptance run: 10
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import TrainingDataError, fit_image, load_image_folder, read_prompts
+from implicit_negatives.image_folder import TrainingDataError, fit_image, load_image_folder
+from trainer.data import read_prompts
 
 
 def gradient(size=64):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from implicit_negatives.embedding_io import load_embedding
+from implicit_negatives.embedding_io import caption_templates, load_embedding
+from implicit_negatives.inversion import CAPTION_TEMPLATES
 
 from implicit_negatives.comfyui import headless, rig
 
@@ -60,13 +61,16 @@ def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, conce
     embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
     assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
     assert len(embedding.metadata["text_encoder_fingerprint"]) == 16
+    templates = CAPTION_TEMPLATES[graph["5"]["inputs"]["templates"]]  # the contexts C* was trained in
+    assert json.loads(embedding.metadata["caption_templates"]) == list(templates)
+    assert caption_templates(embedding.metadata) == templates
     assert "saved graph_trained.safetensors" in outputs["5"]["text"][0]
 
 
 def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack_module, executor_model,
                                                                concept_images, tiny_checkpoint, embeddings_dir, tmp_path):
     model, clip, vae = executor_model
-    data = importlib.import_module("trainer.data")
+    data = importlib.import_module("implicit_negatives.image_folder")
     cli = importlib.import_module("trainer.cli")
     images = data.load_image_folder(str(concept_images), 64).images
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -101,7 +105,7 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
 
 def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):
     import comfy.model_management
-    data = importlib.import_module("trainer.data")
+    data = importlib.import_module("implicit_negatives.image_folder")
     images = data.load_image_folder(str(concept_images), 64).images
     model, clip, vae = executor_model
     comfy.model_management.interrupt_current_processing(True)
@@ -117,7 +121,7 @@ def test_cancel_stops_training_without_output(comfy, pack, executor_model, conce
 def test_a_diverged_embedding_is_saved_with_a_warning(comfy, pack, executor_model, concept_images, embeddings_dir):
     """lr 1.0 (the widget's maximum) moves every coordinate by ~1 per Adam step: a vector ~28 long, where
     the tiny CLIP's token rows are under 1 long. The node says so in its output and in the file."""
-    data = importlib.import_module("trainer.data")
+    data = importlib.import_module("implicit_negatives.image_folder")
     images = data.load_image_folder(str(concept_images), 64).images
     model, clip, vae = executor_model
     with torch.inference_mode():

@@ -19,15 +19,19 @@ import folder_paths
 
 from implicit_negatives.atomic_write import atomic_path
 from implicit_negatives.comfyui import inversion as ci
+from implicit_negatives.comfyui.negation_sets import export_negation_set, pixel_hashes
 from implicit_negatives.comfyui.training import (
     RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.comfyui.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
+from implicit_negatives.image_folder import ImageFolder, TrainingDataError, load_image_folder
 from implicit_negatives.inversion import CAPTION_TEMPLATES, InversionConfig, save_state
+from implicit_negatives.negation_set_io import negation_set_path
 from implicit_negatives.run_lock import RunLockedError
+from implicit_negatives.safe_denoiser import NegationSetError
 
-from .data import ImageFolder, TrainingDataError, generate_images, load_image_folder, read_prompts
+from .data import generate_images, read_prompts
 from .report import plot_losses, smoothed, write_loss_csv
 from .workdir import claimed, default_work_dir, open_run, sha256_path
 
@@ -92,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output", help="output path (default: ComfyUI's embeddings folder / NAME.safetensors)")
     out.add_argument("--concept", default="", help="what the embedding stands for (metadata), e.g. nudity")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    out.add_argument("--export-negation-set", action="store_true",
+                     help="also write the training images' VAE latents, with their hashes, the VAE fingerprint and "
+                          "the resolution, as NAME.negation_set.safetensors next to the output: the negation set "
+                          "for SafeDenoiser (LoadNegationSet), so one run yields both negatives")
     out.add_argument("--work-dir", help="checkpoints, loss log, previews (default: ComfyUI output/"
                                         "implicit_negative_training/<output name>-<hash of the output path>)")
     out.add_argument("--checkpoint-every", type=int, default=250, help="steps between resume checkpoints (0: end only)")
@@ -271,8 +279,9 @@ def run(args) -> int:
             setattr(args, option, resolve_model_file(getattr(args, option), option))
     loras = [(resolve_model_file(path, "lora"), strength) for path, strength in parse_loras(args.lora)]
     destination = output_path(args)
-    if os.path.exists(destination) and not (args.overwrite or args.resume):
-        raise SystemExit(f"error: {destination} exists; pass --overwrite (or --resume) or choose another --name")
+    for path in [destination] + ([negation_set_path(destination)] if args.export_negation_set else []):
+        if os.path.exists(path) and not (args.overwrite or args.resume):
+            raise SystemExit(f"error: {path} exists; pass --overwrite (or --resume) or choose another --name")
     folder, prompts = read_data(args)
     if args.training_prompts:
         if folder is None:
@@ -341,6 +350,11 @@ def train(args, loras, folder: ImageFolder | None, prompts: list[str], destinati
         monitor.preview(trained.vectors, "preview-final.png")
     digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
                             embedding_metadata(run, trained.losses, config.steps, trained.loss_scale, trained.warning))
+    if args.export_negation_set:
+        hashes = [tuple(entry) for entry in inputs["images"]] if folder is not None else pixel_hashes(images)
+        exported = export_negation_set(negation_set_path(destination), vae, latents, hashes, args.resolution,
+                                       f"python -m trainer: {data_source}")
+        print(f"[done] negation set {negation_set_path(destination)} ({exported.latents.shape[0]} latents)")
     if trained.warning:
         print(f"[warning] {trained.warning}")
     print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
@@ -374,7 +388,7 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         code = run(args)
-    except (TrainingDataError, ci.TrainingSetupError, RunLockedError) as error:
+    except (TrainingDataError, ci.TrainingSetupError, RunLockedError, NegationSetError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"[time] {time.time() - started:.1f} s")
     return code

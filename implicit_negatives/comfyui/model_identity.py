@@ -36,6 +36,12 @@ def model_fingerprint(model) -> str | None:
     return tensors_fingerprint(probes)
 
 
+def vae_fingerprint(vae) -> str:
+    """16 hex digits identifying a VAE's weights (every 97th value of each): a negation set's latents are
+    valid only for the VAE that encoded them."""
+    return tensors_fingerprint(list(vae.first_stage_model.state_dict().items()))
+
+
 def model_transfer_warning(model, negative) -> str | None:
     """A sentence for the user when the implicit negative was learned on a different MODEL than this one."""
     trained_on = negative.embedding.metadata.get("model_fingerprint")

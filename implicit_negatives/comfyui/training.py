@@ -121,6 +121,7 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
         "model_fingerprint": model_fingerprint(model) or "",
         "precision": precision,
         **training_data_metadata(sources.generation_prompts, sources.prompt_source, sources.image_sha256s),
+        "caption_templates": json.dumps(list(CAPTION_TEMPLATES[templates])),  # the contexts C* was learned in
         "training": json.dumps({
             "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
             "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,
