@@ -1,5 +1,5 @@
 """Fixtures: the real ComfyUI engine (skipped with a reason when absent), the pack loaded into it
-the way ComfyUI loads custom nodes, and tiny SD1.5, SDXL and SD2.x checkpoints built on the fly."""
+the way ComfyUI loads custom nodes, and a tiny SD1.5 checkpoint built on the fly."""
 
 from __future__ import annotations
 
@@ -61,27 +61,6 @@ def tiny_sd15(comfy, embeddings_dir, tiny_checkpoint):
     """(model, clip, vae) from ComfyUI's stock CheckpointLoaderSimple."""
     loader = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
     return loader.load_checkpoint(tiny_checkpoint[1])
-
-
-def _family_checkpoint(comfy, family):
-    import folder_paths
-    path = rig.tiny_family_checkpoint_path(family)
-    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(path))
-    loader = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
-    return os.path.basename(path), loader.load_checkpoint(os.path.basename(path))
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(comfy, embeddings_dir):
-    """(filename, (model, clip, vae)) of the tiny SDXL checkpoint (full-size CLIP-L + CLIP-G: about 5 GB of RAM
-    while loaded, so module-scoped: a module that uses it frees it at its end)."""
-    return _family_checkpoint(comfy, "sdxl")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd2(comfy, embeddings_dir):
-    """(filename, (model, clip, vae)) of the tiny SD2.x v-prediction checkpoint (full-size OpenCLIP-H)."""
-    return _family_checkpoint(comfy, "sd2")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """SDXL and SD2.x inside ComfyUI's real engine, on the rig's tiny random-weight checkpoints.
 
-The UNets are tiny, the text encoders full size (ComfyUI fixes their configs), so each SDXL text encode costs
-seconds on a CPU: the tests encode as little as they can. The ``family`` fixture is module-scoped and
-parametrized, so pytest holds one family's checkpoint at a time (SDXL: about 5 GB of RAM).
+The UNets are tiny; the files' text encoders are full size (ComfyUI fixes their configs), and are loaded cut to
+three layers (``rig.load_tiny_family``), as the SD1 planted-concept test cuts CLIP-L to one: a full SDXL text encode
+costs about ten seconds on a CPU. The ``family`` fixture is module-scoped and parametrized, so pytest holds one
+family's checkpoint at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ def family(request, comfy, embeddings_dir):
     import folder_paths
     name = request.param
     path = rig.tiny_family_checkpoint_path(name)
-    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(path))
-    loaded = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(os.path.basename(path))
+    loaded = rig.load_tiny_family(name, embedding_directory=folder_paths.get_folder_paths("embeddings"))
     generator = torch.Generator().manual_seed(7)
     save_embedding(str(embeddings_dir / f"{name}_neg.safetensors"),
                    {key: torch.randn(4, width, generator=generator) * 0.3 for key, width in FAMILIES[name][3].items()},

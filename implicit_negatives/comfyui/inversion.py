@@ -9,8 +9,10 @@ ComfyUI objects into that loss, avoiding the engine's training traps (comfyui.md
   tensors that autograd cannot save. Training runs under ``inference_mode(False)``, and when the
   loaded weights are inference tensors we train on a private deep copy of the modules made outside
   inference mode, so the shared MODEL / CLIP are never touched.
-* ComfyUI's ``apply_model`` returns x0 for every parameterisation, so the eps-loss uses
-  eps = (x_t - x0) / sigma: eps- and v-prediction models are handled alike.
+* ComfyUI's ``apply_model`` returns x0 for every parameterisation, so the loss starts from
+  eps = (x_t - x0) / sigma. On a v-prediction model (SD2.x 768-v) it is the loss on the network's own
+  target, ||v_theta - v||^2 as diffusers' textual-inversion script trains it: ComfyUI's v-parameterisation
+  makes the v error the eps error times sqrt(sigma^2 + sigma_data^2) / sigma_data (``target_scale``).
 * VAEEncode latents are unscaled: ``process_latent_in`` applies the model's latent scaling.
 * ``throw_exception_if_processing_interrupted`` runs every step, so ComfyUI's Cancel stops training.
 * Precision: ComfyUI keeps an SD1.x UNet in fp16 on most GPUs and its text encoders in fp16 weights.
@@ -29,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import comfy.model_management
+import comfy.model_sampling
 from comfy.k_diffusion.utils import tf32_mode
 
 from ..cfg import eps_from_denoised
@@ -387,16 +390,32 @@ def latent_batch_sampler(latents: torch.Tensor, model_sampling, prompt_choices: 
     return sample
 
 
+def target_scale(model_sampling, sigma: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, 1, 1, 1) factor turning the eps error into the error of the network's own output, or None (eps models).
+
+    V_PREDICTION (and EDM) give x0 = c_skip x - c_out v with c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    so with x_t = x0 + sigma eps fixed, v_theta - v = (eps_theta - eps) sqrt(sigma^2 + sigma_data^2) / sigma_data."""
+    if not isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return None
+    sigma_data = float(model_sampling.sigma_data)
+    return ((sigma.float() ** 2 + sigma_data ** 2).sqrt() / sigma_data).view(-1, 1, 1, 1)
+
+
 def denoising_loss_on_batch(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor,
                             batch: TrainingBatch) -> torch.Tensor:
-    """|| eps - eps_theta(x_t, c(vectors), t) ||^2 for one batch, differentiable in ``vectors``."""
+    """|| eps - eps_theta(x_t, c(vectors), t) ||^2 for one batch, differentiable in ``vectors``; on a
+    v-prediction model || v - v_theta ||^2 (``target_scale``)."""
     device = modules.device
     x0, noise, sigma = batch.x0.to(device), batch.noise.to(device), batch.sigma.to(device)
     x_t = modules.model_sampling.noise_scaling(sigma, noise, x0)
     with torch.autocast(device.type, dtype=modules.autocast_dtype, enabled=modules.autocast_dtype is not None):
         context = encode_vectors(modules, [prompts[i] for i in batch.prompts], vectors.to(device))
         denoised = modules.base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
-    return denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise)
+    eps_pred = eps_from_denoised(x_t, denoised.float(), sigma)
+    scale = target_scale(modules.model_sampling, sigma)
+    if scale is None:
+        return denoising_loss(eps_pred, noise)
+    return denoising_loss(eps_pred * scale, noise.float() * scale)
 
 
 def make_loss_fn(modules: TrainingModules, prompts: Sequence[PromptTokens],
