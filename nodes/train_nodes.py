@@ -115,11 +115,10 @@ class TrainImplicitNegative(io.ComfyNode):
                            resolution=resolution, num_images=latents.shape[0], concept=concept,
                            precision=trained.precision)
         metadata = embedding_metadata(run, trained.losses, steps, trained.loss_scale, trained.warning)
-        key, vectors = trained.embedding_key, trained.vectors
-        save_embedding(destination, {key: vectors}, metadata)
+        save_embedding(destination, trained.file_vectors, metadata)
         stem = os.path.splitext(os.path.basename(destination))[0]
-        negative = ImplicitNegative(name=stem, embedding=Embedding(vectors={key: vectors}, metadata=metadata,
-                                                                   source=destination))
+        negative = ImplicitNegative(name=stem, embedding=Embedding(vectors=dict(trained.file_vectors),
+                                                                   metadata=metadata, source=destination))
         summary = f"saved {os.path.basename(destination)}: {steps} steps, final loss {metadata['loss']}"
         if export_negation_set:
             export_negation_set_file(exported_path, vae, latents, pixel_hashes(fitted), resolution,

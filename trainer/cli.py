@@ -21,7 +21,7 @@ from implicit_negatives.atomic_write import atomic_path
 from implicit_negatives.comfyui import inversion as ci
 from implicit_negatives.comfyui.negation_sets import export_negation_set, pixel_hashes
 from implicit_negatives.comfyui.training import (
-    RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
+    RunSources, check_settings, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.comfyui.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
 from implicit_negatives.embedding_io import save_embedding, sha256_file
@@ -153,10 +153,12 @@ def preview(model, clip, vae, vectors, prompt, steps, seed, resolution, path) ->
     import comfy.sample
     import numpy as np
     from PIL import Image
-    token_key, _, tokenizer = ci.single_text_encoder(clip)
-    row = ci.prompt_row(ci.tokenize_caption(tokenizer, prompt, vectors.shape[0]), vectors.detach().float(), tokenizer)
+    parts = ci.text_encoders(clip)
+    caption = ci.tokenize_caption(parts[0].tokenizer, prompt, vectors.shape[0])
+    tokens = {part.token_key: [[(t, 1.0) for t in ci.prompt_row(caption, chunk, part.tokenizer)]]
+              for part, chunk in zip(parts, ci.split_vectors(parts, vectors.detach().float()).values())}
     with torch.no_grad():
-        positive = clip.encode_from_tokens_scheduled({token_key: [[(t, 1.0) for t in row]]})
+        positive = clip.encode_from_tokens_scheduled(tokens)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
@@ -177,7 +179,7 @@ class TrainingMonitor:
         from tqdm import tqdm
         self.args, self.work_dir, self.run = args, work_dir, run
         self.model, self.clip, self.vae = model, clip, vae
-        self.key = embedding_key(clip)
+        self.parts = ci.text_encoders(clip)
         self.state_path = os.path.join(work_dir, "state.pt")
         self.last = None
         self.bar = tqdm(total=args.steps, initial=start_step, desc=args.name, unit="step", dynamic_ncols=True)
@@ -194,7 +196,7 @@ class TrainingMonitor:
     def save_checkpoint(self, progress) -> None:
         losses = progress.state["losses"].tolist()
         save_state(self.state_path, progress.state)
-        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), {self.key: progress.vectors},
+        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), ci.split_vectors(self.parts, progress.vectors),
                        embedding_metadata(self.run, losses, progress.step, progress.loss_scale))
         write_loss_csv(os.path.join(self.work_dir, "loss.csv"), losses)
 
@@ -348,7 +350,7 @@ def train(args, loras, folder: ImageFolder | None, prompts: list[str], destinati
     plot_losses(os.path.join(work_dir, "loss.png"), trained.losses)
     if not args.no_preview:
         monitor.preview(trained.vectors, "preview-final.png")
-    digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
+    digest = save_embedding(destination, trained.file_vectors,
                             embedding_metadata(run, trained.losses, config.steps, trained.loss_scale, trained.warning))
     if args.export_negation_set:
         hashes = [tuple(entry) for entry in inputs["images"]] if folder is not None else pixel_hashes(images)

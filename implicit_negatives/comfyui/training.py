@@ -41,7 +41,8 @@ def check_settings(steps: int, learning_rate: float) -> None:
 
 @dataclass
 class TrainedEmbedding:
-    """vectors: (N, D) float32 on the CPU; losses: one per step; embedding_key: "clip_l" / "clip_h";
+    """vectors: (N, D) float32 on the CPU (SDXL: CLIP-L's and CLIP-G's side by side, D = 768 + 1280); losses: one
+    per step; embedding_key: "clip_l" / "clip_h" / "clip_l+clip_g"; file_vectors: what the file stores, {key: (N, D_i)};
     state: the resume state at the end; precision: "fp32" / "bf16" / "fp16", what it was trained in;
     loss_scale: the final loss scaling state (fp16), else None; warning: "" or why the vectors look broken
     (``norm_warning``)."""
@@ -53,6 +54,7 @@ class TrainedEmbedding:
     precision: str
     loss_scale: Optional[LossScale]
     warning: str = ""
+    file_vectors: dict = field(default_factory=dict)
 
 
 def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optional[str]], config: InversionConfig,
@@ -80,15 +82,19 @@ def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optio
         init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
         result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state,
                                 loss_scale=modules.loss_scale)
-        warning = norm_warning(result.vectors, modules.encoder.transformer.get_input_embeddings().weight)
+        file_vectors = ci.split_vectors(modules.parts, result.vectors.cpu())
+        warning = " ".join(filter(None, (norm_warning(file_vectors[part.embedding_key],
+                                                      part.encoder.transformer.get_input_embeddings().weight)
+                                         for part in modules.parts)))
         return TrainedEmbedding(vectors=result.vectors.cpu(), losses=result.losses,
                                 embedding_key=modules.embedding_key, state=result.state,
-                                precision=modules.precision, loss_scale=result.loss_scale, warning=warning)
+                                precision=modules.precision, loss_scale=result.loss_scale, warning=warning,
+                                file_vectors=file_vectors)
 
 
 def embedding_key(clip) -> str:
-    """The key this CLIP's vectors are saved under: "clip_l" (SD1.x) or "clip_h" (SD2.x)."""
-    return ci.single_text_encoder(clip)[2].embedding_key
+    """The key(s) this CLIP's vectors are saved under: "clip_l" (SD1.x), "clip_h" (SD2.x), "clip_l+clip_g" (SDXL)."""
+    return "+".join(part.embedding_key for part in ci.text_encoders(clip))
 
 
 @dataclass
