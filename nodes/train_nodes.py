@@ -54,7 +54,8 @@ class TrainImplicitNegative(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The unlearned model to invert (e.g. SD1.4 + DUO LoRA); not modified."),
-                io.Clip.Input("clip", tooltip="Its text encoder (SD1.x or SD2.x); the vectors are learned in its input space."),
+                io.Clip.Input("clip", tooltip=("Its text encoder (SD1.x, SD2.x, or SDXL: CLIP-L and CLIP-G vectors learned "
+                                               "together); the vectors are learned in its input space.")),
                 io.Vae.Input("vae", tooltip="Encodes the images to latents once, before training."),
                 io.Image.Input("images", tooltip="Concept images (a batch); resized and center-cropped to the resolution."),
                 io.String.Input("name", default="implicit-negative",
@@ -68,7 +69,7 @@ class TrainImplicitNegative(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="Seed for noise, timesteps and image order; same seed and data = same embedding."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Training resolution in pixels (SD1.x: 512)."),
+                             tooltip="Training resolution in pixels (SD1.x: 512, SD2.x 768-v: 768, SDXL: 1024)."),
                 io.Combo.Input("templates", options=sorted(CAPTION_TEMPLATES), default="object",
                                tooltip="Caption templates around the vectors: object ('a photo of a {}'), "
                                        "style ('a painting in the style of {}'), bare (the vectors alone)."),

@@ -19,7 +19,7 @@ from implicit_negatives.sld import SLD_PRESETS, sld_noise
 
 from implicit_negatives.comfyui import rig
 from test_embedding_nodes_engine import clip_text_encode, max_diff, our_conditioning
-from test_sld_engine import STEPS, close, hooks_of, ksample, recorded_sampling, safe_model
+from test_sld_engine import close, hooks_of, ksample, recorded_sampling, safe_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,13 +116,13 @@ def test_sld_output_is_the_core_step_with_the_safety_concept_conditioned_as_a_ne
 @pytest.mark.parametrize("sampler,evaluations", [("dpmpp_2s_ancestral", lambda n: 2 * n - 1)])  # euler: above
 def test_sld_samplers_reset_state_and_repeat_exactly(comfy, pack, family, sampler, evaluations):
     _, _, (model, _, _), conds = family
-    patched = safe_model(pack, model, conds["safety"], preset="strong")
-    first = ksample(comfy, patched, conds, sampler=sampler)
+    patched, steps = safe_model(pack, model, conds["safety"], preset="strong"), 4
+    first = ksample(comfy, patched, conds, sampler=sampler, steps=steps)
     run = hooks_of(patched).last_run
-    assert run.evaluations == evaluations(STEPS) and run.momentum.updates == STEPS - 1
-    second = ksample(comfy, patched, conds, sampler=sampler)
+    assert run.evaluations == evaluations(steps) and run.momentum.updates == steps - 1
+    second = ksample(comfy, patched, conds, sampler=sampler, steps=steps)
     assert hooks_of(patched).last_run is not run and torch.equal(first, second)
-    assert (first - ksample(comfy, model, conds, sampler=sampler)).abs().max() > 1e-4
+    assert (first - ksample(comfy, model, conds, sampler=sampler, steps=steps)).abs().max() > 1e-4
 
 
 def test_sld_refuses_a_concept_of_another_family_or_without_pooled_output(pack, family):
@@ -132,3 +132,18 @@ def test_sld_refuses_a_concept_of_another_family_or_without_pooled_output(pack, 
     if name == "sdxl":
         with pytest.raises(ValueError, match="needs a pooled text embedding"):
             safe_model(pack, model, [[conds["safety"][0][0], {}]])
+
+
+def test_safree_runs_on_sd2_and_refuses_sdxl_clearly(comfy, pack, family):
+    name, _, (model, clip, _), conds = family
+    run = lambda: pack["SafreeConditioning"].execute(clip, "a zebra on grass", "zebra", 0.01, True, 2, "default", 4,
+                                                     "concept", None).result
+    if name == "sdxl":
+        with pytest.raises(ValueError, match="one text encoder.*SDXL"):
+            run()
+        return
+    positive, negative, _ = run()
+    assert positive[-1][0][0].shape == (77, 1024)
+    patched = pack["SafreeLatentReAttention"].execute(model, positive, True, 0.9, 0.2).result[0]
+    latent = ksample(comfy, patched, {"positive": positive, "negative": negative}, steps=4)
+    assert torch.isfinite(latent).all()

@@ -149,3 +149,13 @@ def test_sdxl_node_saves_clip_l_and_clip_g_read_by_stock_embedding_syntax(comfy,
     plain = clip_text_encode(comfy, clip, "a photo,")
     assert (stock[0][0][..., :768] - plain[0][0][..., :768]).abs().max() > 1e-3      # CLIP-L half read
     assert (stock[0][0][..., 768:] - plain[0][0][..., 768:]).abs().max() > 1e-3      # CLIP-G half read
+
+
+def test_sdxl_cli_preview_feeds_both_halves_of_the_vectors(pack_module, tiny_sdxl, tmp_path):
+    """The CLI's preview (the embedding as the positive prompt) splits the (N, 768 + 1280) vectors per encoder."""
+    cli = importlib.import_module("trainer.cli")
+    model, clip, vae = tiny_sdxl
+    vectors = torch.randn(2, 768 + 1280, generator=torch.Generator().manual_seed(3)) * 0.02
+    cli.preview(model, clip, vae, vectors, "a photo of a {}", 1, 0, 64, str(tmp_path / "preview.png"))
+    from PIL import Image
+    assert Image.open(tmp_path / "preview.png").size == (64, 64)
