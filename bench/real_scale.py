@@ -202,7 +202,8 @@ def benchmark(args) -> int:
     if not cuda:
         say(f"no GPU: {'the tiny rig model' if args.smoke else 'the full-size model'} at {plan.size} px "
             f"({plan.size // 8}x{plan.size // 8} latent) and {plan.steps} sampling steps instead of 512 px and 25; "
-            "absolute times only on a GPU")
+            "absolute times only on a GPU" + ("; SAFREE's re-attention never fires on the tiny UNet (one level)"
+                                              if args.smoke else ""))
     mixed = args.mixed if args.mixed != "auto" or cuda else "bf16"  # auto trains in fp32 on a CPU
     vectors = training_phase(bench.model, bench.clip, plan, "fp32", say)
     if cuda:
