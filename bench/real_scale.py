@@ -212,6 +212,7 @@ def benchmark(args) -> int:
     del bench  # the runner loads the checkpoint itself: free this copy first
     free_models()
     evaluation_phase(checkpoint, vectors, plan, plain_s, cuda, say)
+    free_models()  # the runner's copy too, before the mixed path loads its own
     if not cuda:  # CPU memory: an fp32 UNet and its half copy would be 5.1 GB; load it stored in the mixed dtype
         import comfy.sd
         from implicit_negatives.comfyui.inversion import PRECISION_DTYPES
