@@ -20,7 +20,7 @@ def test_real_scale_smoke_runs_every_phase_and_labels_every_line(comfy):
     label = f"[smoke, reduced: tiny rig UNet, not the 859M one, 64 px, 2 steps{'' if cuda else '; ratios only'}]"
     assert lines and all(line.startswith(label) for line in lines), lines
     text = "\n".join(lines)
-    for phase in ("training fp32: ", "training bf16 (the mixed-precision path): ", "sampling plain CFG",
+    for phase in ("training fp32: ", "training bf16 (the mixed-precision path", "sampling plain CFG",
                   "sampling SLD default (fast_batched True)", "sampling SLD separate pass (fast_batched off)",
                   "sampling SAFREE", "sampling check: SLD moves the latent", "evaluation runner: 4 prompts",
                   "process peak RSS"):
