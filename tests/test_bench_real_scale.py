@@ -26,6 +26,6 @@ def test_real_scale_smoke_runs_every_phase_and_labels_every_line(comfy):
                   "process peak RSS"):
         assert phase in text, phase
     ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", text)]
-    assert len(ratios) >= 12 and all(r > 0 for r in ratios), ratios
+    assert len(ratios) >= 11 and all(r > 0 for r in ratios), ratios
     if not cuda:  # no GPU: no absolute time anywhere (seconds only as '-')
         assert not re.search(r"\d s\b", text), text
