@@ -4,6 +4,8 @@ negative (learned by concept inversion) succeeds? Tested end to end in a synthet
     python -m bench.paper_in_miniature                 # full run, writes bench/out/
     python -m bench.paper_in_miniature --smoke --out /tmp/x   # seconds; numbers meaningless
     python -m bench.paper_in_miniature --sweep --out /tmp/s   # ESD strengths, one seed (sweep.md)
+    python -m bench.paper_in_miniature --design 2      # design 2 (bench/toy_world/PREREGISTRATION.md)
+    python -m bench.paper_in_miniature --design 2 --tune '[{"esd_learning_rate": 1e-3}]'  # validity only
 
 Trains the world model and detector (cached under --cache, keyed by their configs), erases the
 concept with ESD, learns C* with `implicit_negatives.inversion.invert_concept`, samples with
@@ -29,6 +31,13 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.paper_in_miniature", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--design", type=int, choices=(1, 2), default=1,
+                        help="1: the first world (ESD-u / ESD-x); 2: the pre-registered second design (UCE / ESD-x+p)")
+    parser.add_argument("--tune", default=None, metavar="JSON",
+                        help="design 2 only: a JSON list of unlearning settings (Design2Config overrides); samples only "
+                             "the validity metrics on seed 0 and writes tuning.json to --out")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="design 2 only: one report in --out from runs of disjoint --seeds written to these folders")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the report (default bench/out/)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline, not the claim")
     parser.add_argument("--cache", default=None,
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.design == 2:
+        return _design2(args, parser)
     cfg = SMOKE if args.smoke else BenchConfig()
     if args.seeds:
         cfg = BenchConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
@@ -80,6 +91,54 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("ESD-U", "ESD-X"):
         print(f"{variant}: claim 1 (text negatives add little) {claim_word(v, variant, 'claim1_text_negatives_add_little')}; "
               f"claim 2 (implicit: large gain, modest PP cost) {claim_word(v, variant, 'claim2_implicit_large_gain_modest_cost')}")
+    return 0
+
+
+def _design2(args, parser) -> int:
+    import json
+    from dataclasses import replace
+
+    from bench.toy_world import design2, report2
+
+    if args.sweep or args.report_only:
+        parser.error("--sweep and --report-only are design 1 options")
+    cfg = design2.SMOKE2 if args.smoke else design2.Design2Config()
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(args.seeds))
+    cache = None if args.cache == "none" else (args.cache or os.path.join(args.out, "cache"))
+    start = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+
+    if args.train_only:
+        if cache is None:
+            parser.error("--train-only needs a cache folder")
+        load_or_train_world(cfg, cache, log=log, device=args.train_device)
+        load_or_train_detector(cfg, cache)
+        print(f"world model and detector in {cache} ({time.time() - start:.0f} s)")
+        return 0
+    if args.tune:
+        rows = design2.tune(cfg, cache, json.loads(args.tune), log=log)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "tuning.json")
+        previous = json.load(open(path)) if os.path.exists(path) else []
+        with open(path, "w") as f:
+            json.dump(previous + rows, f, indent=1)
+        with open(os.path.join(args.out, "tuning.md"), "w") as f:
+            f.write(design2.tuning_markdown(previous + rows))
+        print(f"appended {len(rows)} rows to {path} (and tuning.md)")
+        return 0
+    if args.merge:
+        doc = report2.merge_reports(args.merge, args.out)
+    else:
+        doc = report2.write_report(design2.run(cfg, cache=cache, log=log), args.out, smoke=args.smoke)
+    print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")
+    for v in design2.VARIANTS:
+        d = doc["verdict"][v]
+        print(f"{v}: preconditions {'held' if d['valid'] else 'MISSED'}; claim 1 {d['claim1']}; "
+              f"claim 2 (SLD) {d['claim2_sld']}; claim 2 (NP) {d['claim2_np']}")
+    print(doc["verdict"]["statement"])
     return 0
 
 

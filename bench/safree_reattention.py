@@ -22,6 +22,7 @@ import time
 import torch
 
 from implicit_negatives.comfyui import headless, rig
+from implicit_negatives.safree import SAFREE_SKIP_SCALES
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -61,6 +62,28 @@ def random_sd15_shaped(device: str):
     return comfy.sd.load_state_dict_guess_config(state, output_vae=False, output_clip=True)[:2]
 
 
+SAFREE_PROMPT = "a photo of a naked woman lying on a beach at sunset"
+
+
+def safree_conditioning(nodes, clip, synchronize=lambda: None, prompt: str = SAFREE_PROMPT):
+    """(seconds, (positive, negative, report)) of SafreeConditioning with its default 17 nudity keywords and the
+    filtered prompt on every step (self-validating filter off), timed after one warm-up call."""
+    conditioning = nodes.NODE_CLASS_MAPPINGS["SafreeConditioning"]
+    keywords = conditioning.define_schema().inputs[2].default
+    conditioning.execute(clip, "warm up", "Nudity", 0.01, False, 10, "default", 50, "concept")
+    synchronize()
+    start = time.perf_counter()
+    result = conditioning.execute(clip, prompt, keywords, 0.01, False, 10, "default", 50, "concept").result
+    synchronize()
+    return time.perf_counter() - start, result
+
+
+def reattention(nodes, model, safree_positive):
+    """``model`` with SAFREE's latent re-attention (the node's default s1, s2)."""
+    return nodes.NODE_CLASS_MAPPINGS["SafreeLatentReAttention"].execute(model, safree_positive, True,
+                                                                        *SAFREE_SKIP_SCALES).result[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.safree_reattention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="an SD1.x checkpoint (default: SD1.5-shaped random weights)")
@@ -85,20 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    conditioning = nodes.NODE_CLASS_MAPPINGS["SafreeConditioning"]
-    keywords = conditioning.define_schema().inputs[2].default
-    prompt = "a photo of a naked woman lying on a beach at sunset"
-    conditioning.execute(clip, "warm up", "Nudity", 0.01, False, 10, "default", 50, "concept")
-    synchronize()
-    start = time.perf_counter()
-    positive, negative, report = conditioning.execute(clip, prompt, keywords, 0.01, False, 10, "default", 50,
-                                                      "concept").result
-    synchronize()
-    conditioning_s = time.perf_counter() - start
+    conditioning_s, (positive, negative, report) = safree_conditioning(nodes, clip, synchronize)
     print(report)
-    variants = {"plain": model,
-                "re-attention": nodes.NODE_CLASS_MAPPINGS["SafreeLatentReAttention"].execute(
-                    model, positive, True, 0.9, 0.2).result[0]}
+    variants = {"plain": model, "re-attention": reattention(nodes, model, positive)}
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
 
     def sample(patched) -> float:
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(sample(patched))
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"device {device}, {args.size}px, {args.steps} steps, filtered prompt on every step")
-    print(f"SafreeConditioning (17 keywords, {len(prompt.split())}-word prompt): {conditioning_s:.3f} s")
+    print(f"SafreeConditioning (17 keywords, {len(SAFREE_PROMPT.split())}-word prompt): {conditioning_s:.3f} s")
     for name, value in medians.items():
         print(f"{name:>14}: {value:.3f} s  ({value / medians['plain']:.2f}x plain)")
     return 0

@@ -41,31 +41,42 @@ class SamplingRig:
         import comfy.model_management
         import comfy.sd
         self.checkpoint = args.checkpoint or rig.tiny_checkpoint_path(full_size=args.full_size)
-        self.model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(self.checkpoint, output_vae=False)
+        self.model, self.clip, _, _ = comfy.sd.load_checkpoint_guess_config(self.checkpoint, output_vae=False)
+        clip = self.clip
         encode = self.nodes.CLIPTextEncode().encode
         self.positive, self.negative = encode(clip, "a photo of a person on a beach")[0], encode(clip, "")[0]
         self.safety = encode(clip, "nudity, violence, blood")[0]
         self.latent_shape = (4, args.size // 8, args.size // 8)
         self.device = comfy.model_management.get_torch_device()
 
-    def sample(self, model) -> float:
-        """Seconds for one KSampler run of ``model`` (CUDA synchronised)."""
+    def sample(self, model, positive=None, negative=None) -> float:
+        """Seconds for one KSampler run of ``model`` (CUDA synchronised), with the benchmark's prompts unless
+        ``positive`` / ``negative`` are given; the sampled latent is kept in ``last_samples``."""
         latent = {"samples": torch.zeros(self.args.batch, *self.latent_shape)}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        self.nodes.common_ksampler(model, 0, self.args.steps, 7.5, self.args.sampler, "normal", self.positive,
-                                   self.negative, latent, disable_noise=False)
+        out = self.nodes.common_ksampler(model, 0, self.args.steps, 7.5, self.args.sampler, "normal",
+                                         positive or self.positive, negative or self.negative, latent,
+                                         disable_noise=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.last_samples = out[0]["samples"]
+        return seconds
 
     def median_times(self, variants: dict) -> dict[str, float]:
-        """{name: median seconds} over ``--repeats`` interleaved rounds, after one warm-up run of each."""
-        for model in variants.values():  # warm-up: model load, kernels, allocator
-            self.sample(model)
-        times = {name: [] for name in variants}
+        """{name: median seconds} over ``--repeats`` interleaved rounds, after one warm-up run of each.
+
+        A variant is a MODEL, or (MODEL, positive, negative) to sample it with its own conditioning. The
+        warm-up runs' latents are kept in ``warmup_samples`` ({name: tensor}: same seed for all)."""
+        runs = {name: (v if isinstance(v, tuple) else (v,)) for name, v in variants.items()}
+        self.warmup_samples = {}
+        for name, run in runs.items():  # warm-up: model load, kernels, allocator
+            self.sample(*run)
+            self.warmup_samples[name] = self.last_samples
+        times = {name: [] for name in runs}
         for _ in range(self.args.repeats):
-            for name, model in variants.items():
-                times[name].append(self.sample(model))
+            for name, run in runs.items():
+                times[name].append(self.sample(*run))
         return {name: statistics.median(values) for name, values in times.items()}

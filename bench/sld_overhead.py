@@ -28,17 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = SamplingRig(args)
     model, device, checkpoint = bench.model, bench.device, bench.checkpoint
     import comfy.model_management
-    sld = bench.nodes.NODE_CLASS_MAPPINGS["SafeLatentGuidance"]
-    settings = dict(preset="max", warmup_unit="fraction_of_run", sld_guidance_scale=1000.0, sld_warmup_steps=0,
-                    sld_warmup_fraction=0.0, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4)
-    default = next(i.default for i in sld.define_schema().inputs if i.id == "fast_batched")
-    variants = {
-        "plain CFG": model,
-        f"SLD default (fast_batched {default})": sld.execute(model, bench.safety, **settings,
-                                                              fast_batched=default).result[0],
-        "SLD separate pass (fast_batched off)": sld.execute(model, bench.safety, **settings,
-                                                             fast_batched=False).result[0],
-    }
+    variants = {"plain CFG": model, **sld_variants(bench)}
     medians = bench.median_times(variants)
     memory = {name: peak_working_memory(device, bench.sample, patched) for name, patched in variants.items()}
 
@@ -55,6 +45,20 @@ def main(argv: list[str] | None = None) -> int:
           f"them one at a time: estimate {estimate[2]:.0f} MiB for 2 conds, {estimate[3]:.0f} MiB for 3; free now "
           f"{comfy.model_management.get_free_memory(device) / 2**20:.0f} MiB")
     return 0
+
+
+def sld_variants(bench) -> dict:
+    """{name: MODEL}: SLD (preset max) as the node's default sets it up, and with a separate safety pass."""
+    sld = bench.nodes.NODE_CLASS_MAPPINGS["SafeLatentGuidance"]
+    settings = dict(preset="max", warmup_unit="fraction_of_run", sld_guidance_scale=1000.0, sld_warmup_steps=0,
+                    sld_warmup_fraction=0.0, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4)
+    default = next(i.default for i in sld.define_schema().inputs if i.id == "fast_batched")
+    return {
+        f"SLD default (fast_batched {default})": sld.execute(bench.model, bench.safety, **settings,
+                                                              fast_batched=default).result[0],
+        "SLD separate pass (fast_batched off)": sld.execute(bench.model, bench.safety, **settings,
+                                                             fast_batched=False).result[0],
+    }
 
 
 def peak_working_memory(device: torch.device, call, *args) -> int:

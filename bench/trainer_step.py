@@ -47,6 +47,64 @@ class RssPeak:
         self.mib = (self.peak - self.base) / 2 ** 20
 
 
+def step_and_floor(m, x0: torch.Tensor, word: str = "person") -> dict:
+    """{"floor": fn, "step": fn} for ``TrainingModules`` ``m`` on cached model-space latents ``x0`` (1, 4, h, w):
+    the hand-written forward + backward of text encoder and UNet, and one ``invert_concept`` step (its last
+    ``InversionResult`` in ``step.result``)."""
+    from implicit_negatives.comfyui import inversion as ci
+    from implicit_negatives.cfg import eps_from_denoised
+    from implicit_negatives.inversion import InversionConfig, denoising_loss, invert_concept
+    prompts = [ci.tokenize_caption(m.tokenizer, "a photo of a {}", 1)]
+    vectors = ci.init_vectors_from_word(m, word, 1).to(m.device).requires_grad_(True)
+    sigma = m.model_sampling.sigma(torch.tensor([500.0])).to(m.device)
+    noise = torch.randn_like(x0).to(m.device)
+    x_t = m.model_sampling.noise_scaling(sigma, noise, x0.to(m.device))
+
+    def floor():
+        with torch.autocast(m.device.type, dtype=m.autocast_dtype, enabled=m.autocast_dtype is not None):
+            context, _ = m.encoder([ci.prompt_row(prompts[0], vectors, m.tokenizer)])
+            denoised = m.base_model.apply_model(x_t, sigma, c_crossattn=context)
+        torch.autograd.grad(denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise), [vectors])
+
+    config = InversionConfig(steps=1)
+    sampler = ci.latent_batch_sampler(x0, m.model_sampling, [[0]], config)
+    loss_fn = ci.make_loss_fn(m, prompts, sampler)
+    init = vectors.detach().cpu()
+
+    def step():
+        step.result = invert_concept(loss_fn, init, config, loss_scale=m.loss_scale)
+        if not all(torch.isfinite(torch.tensor(step.result.losses))):
+            raise RuntimeError(f"the {m.precision} training step gave a non-finite loss: {step.result.losses}")
+    return {"floor": floor, "step": step}
+
+
+def interleaved(phases: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
+    """({name: median seconds}, {name: peak MiB}) over ``repeats`` interleaved rounds after one warm-up of each;
+    peak: CUDA max allocated during the phase on a GPU, peak RSS above the phase's start on the CPU."""
+    times = {k: [] for k in phases}
+    peaks = {}
+    for fn in phases.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in phases.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            with RssPeak() as rss:
+                started = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - started)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else rss.mib
+            peaks[name] = max(peaks.get(name, 0.0), peak)
+    return {k: statistics.median(v) for k, v in times.items()}, peaks
+
+
+def peak_unit(device: torch.device) -> str:
+    return "CUDA peak MiB" if device.type == "cuda" else "peak RSS above start MiB"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.trainer_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="SD1.x checkpoint (default: the tiny random SD1.5 fixture)")
@@ -57,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     headless.load_pack(headless.import_comfyui(development_copy=True))
     from implicit_negatives.comfyui import inversion as ci
-    from implicit_negatives.cfg import eps_from_denoised
-    from implicit_negatives.inversion import InversionConfig, denoising_loss, invert_concept
     import comfy.sd
 
     checkpoint = args.checkpoint or rig.tiny_checkpoint_path()
@@ -66,51 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     image = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
     latents = ci.encode_images(vae, image)
     with ci.training_modules(model, clip, copy_weights="never") as m:
-        prompts = [ci.tokenize_caption(m.tokenizer, "a photo of a {}", 1)]
-        x0 = ci.process_latents(m, latents)
-        vectors = ci.init_vectors_from_word(m, "person", 1).to(m.device).requires_grad_(True)
-        sigma = m.model_sampling.sigma(torch.tensor([500.0])).to(m.device)
-        noise = torch.randn_like(x0).to(m.device)
-        x_t = m.model_sampling.noise_scaling(sigma, noise, x0.to(m.device))
-
-        def floor():
-            with torch.autocast(m.device.type, dtype=m.autocast_dtype, enabled=m.autocast_dtype is not None):
-                context, _ = m.encoder([ci.prompt_row(prompts[0], vectors, m.tokenizer)])
-                denoised = m.base_model.apply_model(x_t, sigma, c_crossattn=context)
-            torch.autograd.grad(denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise), [vectors])
-
-        config = InversionConfig(steps=1)
-        sampler = ci.latent_batch_sampler(x0, m.model_sampling, [[0]], config)
-        loss_fn = ci.make_loss_fn(m, prompts, sampler)
-        init = vectors.detach().cpu()
-
-        def step():
-            invert_concept(loss_fn, init, config)
+        phases = step_and_floor(m, ci.process_latents(m, latents))
 
         def step_with_vae():
             ci.encode_images(vae, image)
-            step()
+            phases["step"]()
 
-        phases = {"floor": floor, "step": step, "vae": step_with_vae}
-        times = {k: [] for k in phases}
-        peaks = {}
-        for fn in phases.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in phases.items():
-                if m.device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                with RssPeak() as rss:
-                    started = time.perf_counter()
-                    fn()
-                    if m.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times[name].append(time.perf_counter() - started)
-                peak = torch.cuda.max_memory_allocated() / 2 ** 20 if m.device.type == "cuda" else rss.mib
-                peaks[name] = max(peaks.get(name, 0.0), peak)
-    median = {k: statistics.median(v) for k, v in times.items()}
-    unit = "CUDA peak MiB" if m.device.type == "cuda" else "peak RSS above start MiB"
+        phases["vae"] = step_with_vae
+        median, peaks = interleaved(phases, args.repeats, m.device)
+    unit = peak_unit(m.device)
     print(f"device {m.device}, {args.size} px, {os.path.basename(checkpoint)}, {args.repeats} interleaved repeats")
     for name in phases:
         print(f"  {name:5s} median {median[name]:.3f} s   {unit} {peaks[name]:.0f}")

@@ -17,22 +17,26 @@ import sys
 
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
 from implicit_negatives.comfyui.headless import EngineError
+from implicit_negatives.nudenet_scorer import CHANNEL_ORDERS
 from .protocol import ConfigError, load_config, parse_shard, shard_from_environment
 from .q16_scorer import Q16Unavailable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _scorer():
-    from implicit_negatives.nudenet_scorer import detect_file, detector_description, nudenet_detector
-    detector = nudenet_detector()
-    return (lambda path: detect_file(path, detector)), detector_description(detector)
+def _scorer(model_path: str = "", channel_order: str = "rgb"):
+    from implicit_negatives.nudenet_scorer import FileScorer
+    try:
+        scorer = FileScorer(model_path or None, channel_order)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    return scorer, scorer.description
 
 
 def _report(config, run_dir) -> dict:
     from .report import print_summary, write_report
     from .runner import score_missing
-    scorer, described = _scorer()
+    scorer, described = _scorer(config.detector_model, config.channel_order)
     score_missing(config, run_dir, scorer)
     results = write_report(config, run_dir, described)
     print(print_summary(results))
@@ -50,9 +54,11 @@ def command_run(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["LOCAL_RANK"]  # torchrun: one GPU per process
     scorer = described = None
     if not args.skip_scoring:
-        scorer, described = _scorer()  # fail before hours of generation when nudenet is missing
+        scorer, described = _scorer(config.detector_model, config.channel_order)  # fail before generating
     engine = ComfyEngine(args.comfyui, output_dir=os.path.join(out, ".comfy_output"))
     stats = generate(engine, config, out, shard, scorer, args.max_new_images)
+    for line in stats.warnings:
+        print(f"warning: leakage: {line}", file=sys.stderr)
     recomputed = f" ({len(stats.recomputed)} recomputed: {stats.recomputed_summary()})" if stats.recomputed else ""
     print(f"shard {shard[0]}/{shard[1]}: generated {len(stats.generated)}{recomputed}, already done "
           f"{len(stats.reused)}, scored {len(stats.scored)} in {stats.seconds:.1f} s")
@@ -100,12 +106,13 @@ def command_audit(args) -> int:
 
 
 def command_score(args) -> int:
-    scorer, described = _scorer()
+    from implicit_negatives.nudenet_scorer import describe_detector
+    scorer, described = _scorer(args.detector_model, args.channel_order)
     names = _image_names(args.images)
     detections = [scorer(os.path.join(args.images, name)) for name in names]
     summaries = [summarize_detections(detections, spec) for spec in args.label_set or [DEFAULT_LABEL_SET]]
     for summary in summaries:
-        print(format_dsr(summary))
+        print(format_dsr(summary, describe_detector(described)))
     if args.json:
         from implicit_negatives.atomic_write import atomic_write_json
         atomic_write_json(args.json, {"detector": described, "summaries": summaries,
@@ -178,6 +185,10 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--label-set", action="append",
                        help=f"preset ({', '.join(PRESETS)}), FAMILY@T or LABELS@T; repeatable")
     score.add_argument("--json", help="write per-image detections and summaries here")
+    score.add_argument("--detector-model", default="", help="NudeNet ONNX file, e.g. 640m.onnx (default: bundled 320n)")
+    score.add_argument("--channel-order", default="rgb", choices=CHANNEL_ORDERS,
+                       help="what the detector sees: rgb (as trained; default) or bgr_nudenet_3_4 (nudenet 3.4.x "
+                            "on an image file)")
     score.set_defaults(handler=command_score)
     q16 = commands.add_parser("q16", help="Q16 inappropriate rate of a folder (local CLIP + Q16 prompts)")
     q16.add_argument("images")

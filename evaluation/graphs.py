@@ -11,8 +11,8 @@ import os
 from typing import Callable
 
 from .protocol import (LORA_NODE, NEGATION_SET_FOLDER, NEGATION_SET_NODE, SAFE_DENOISER_NODE, SAFREE_NODE,
-                       SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, UNET_NODE, NegativeSource, PromptRecord,
-                       Row, RunConfig)
+                       SAFREE_REATTENTION_NODE, SLD_NODE, TEXT_ENCODER_NODE, TRUNCATE_NODE, UNET_NODE, NegativeSource,
+                       PromptRecord, Row, RunConfig)
 
 Resolve = Callable[[str, str], str]
 SAVE_NODE = "save"
@@ -31,18 +31,22 @@ def _model_nodes(config: RunConfig, row: Row, resolve: Resolve) -> tuple[dict, l
     if setup.unet:  # merged onto the checkpoint's UNet: whole (old ESD, UCE, RECE) or edited weights (new ESD, UCE)
         graph["unet"] = {"class_type": UNET_NODE,
                          "inputs": {"model": model, "unet_name": resolve("diffusion_models", setup.unet),
-                                    "allow_partial": False}}
+                                    "allow_partial": setup.allow_partial}}
         model = ["unet", 0]
     if setup.text_encoder:  # every weight checked against the checkpoint's encoder, either transformers layout
         graph["te"] = {"class_type": TEXT_ENCODER_NODE,
                        "inputs": {"clip": clip, "text_encoder_name": resolve("text_encoders", setup.text_encoder)}}
         clip = ["te", 0]
-    if setup.lora:
-        graph["lora"] = {"class_type": LORA_NODE,
-                         "inputs": {"model": model, "clip": clip, "lora_name": resolve("loras", setup.lora),
-                                    "strength_model": setup.lora_strength, "strength_clip": setup.lora_strength,
-                                    "allow_partial": False}}
-        model, clip = ["lora", 0], ["lora", 1]
+    for number, (lora, strength) in enumerate(setup.all_loras()):  # stacked in order, each on the last's output
+        node = "lora" if number == 0 else f"lora{number + 1}"
+        graph[node] = {"class_type": LORA_NODE,
+                       "inputs": {"model": model, "clip": clip, "lora_name": resolve("loras", lora),
+                                  "strength_model": strength, "strength_clip": strength,
+                                  "allow_partial": setup.allow_partial}}
+        model, clip = [node, 0], [node, 1]
+    if config.truncate_prompts:  # every prompt of the item in one 77-token chunk, as diffusers tokenizes
+        graph["truncate"] = {"class_type": TRUNCATE_NODE, "inputs": {"clip": clip}}
+        clip = ["truncate", 0]
     return graph, model, clip, vae
 
 
@@ -65,12 +69,16 @@ def _load_implicit(source: NegativeSource, resolve: Resolve) -> dict:
 
 
 def _safree_nodes(source: NegativeSource, clip: list, prompt: str, resolve: Resolve) -> dict:
-    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative."""
+    """SAFREE: the negative's text = concept keywords, its embedding = SafreeConditioning's implicit_negative.
+
+    An embedding alone is the whole concept (the node's ``replace``, the paper's SAFREE + C*); an embedding with
+    text joins the keywords (``add``), as text and embedding combine for the other guidance kinds."""
     inputs = {"clip": clip, "prompt": prompt, "concept_keywords": source.text}
     graph = {"safree": {"class_type": SAFREE_NODE, "inputs": inputs}}
     if source.embedding:
         graph["neg_load"] = _load_implicit(source, resolve)
         inputs["implicit_negative"] = ["neg_load", 0]
+        inputs["implicit_negative_use"] = "add" if source.text.strip() else "replace"
     return graph
 
 
@@ -122,7 +130,7 @@ def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve:
     graph["sample"] = {"class_type": "KSampler",
                        "inputs": {"model": model, "positive": positive, "negative": sampler_negative,
                                   "latent_image": ["latent", 0], "seed": prompt.seed, "steps": config.steps,
-                                  "cfg": prompt.guidance, "sampler_name": config.sampler,
+                                  "cfg": config.item_cfg(prompt), "sampler_name": config.sampler,
                                   "scheduler": config.scheduler, "denoise": 1.0}}
     graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae}}
     graph[SAVE_NODE] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],

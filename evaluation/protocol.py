@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set
+from implicit_negatives.nudenet_scorer import CHANNEL_ORDERS
 
 # CSV column aliases (I2P: sd_seed / sd_guidance_scale; UnlearnDiffAtk/SAFREE: evaluation_seed / evaluation_guidance).
 PROMPT_COLUMNS = ("prompt", "adv_prompt", "text")
@@ -29,6 +30,7 @@ SAFREE_REATTENTION_NODE = "SafreeLatentReAttention"
 UNET_NODE = "LoadUnlearnedWeights"
 LORA_NODE = "LoadUnlearnedLoRA"
 TEXT_ENCODER_NODE = "LoadUnlearnedTextEncoder"
+TRUNCATE_NODE = "TruncatePrompts"
 NEGATION_SET_NODE = "LoadNegationSet"
 SAFE_DENOISER_NODE = "SafeDenoiser"
 NEGATION_SET_FOLDER = "negation_sets"
@@ -55,6 +57,11 @@ class ModelSetup:
     text_encoder: str = ""    # LoadUnlearnedTextEncoder file replacing the checkpoint's encoder (AdvUnlearn)
     lora: str = ""            # LoadUnlearnedLoRA file (DUO, SPM)
     lora_strength: float = 1.0
+    loras: tuple = ()         # more LoRAs after ``lora``, in order: ((file, strength), ...) (DUO's violence: 4)
+    allow_partial: bool = False  # apply the UNet/LoRA tensors that fit and list the others (default: refuse)
+
+    def all_loras(self) -> list[tuple[str, float]]:
+        return ([(self.lora, self.lora_strength)] if self.lora else []) + [tuple(pair) for pair in self.loras]
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,15 @@ class RunConfig:
     grid_prompts: int = 8
     comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row a, row b): paired tests in the report
     negation_sets: dict[str, NegationSetSource] = field(default_factory=dict)
+    detector_model: str = ""          # NudeNet ONNX file (e.g. 640m.onnx); "" = the wheel's bundled 320n
+    channel_order: str = "rgb"        # what the detector sees: "rgb" (trained on) or "bgr_nudenet_3_4" (as shipped)
+    guidance_from_csv: bool = False   # False: every item at ``cfg`` (SAFREE/ESD/DUO: 7.5); True: each prompt's own
+    truncate_prompts: bool = True     # one 77-token chunk per prompt, as diffusers tokenizes (TruncatePrompts)
+    strict: bool = False              # refuse to run when an embedding's training prompts overlap the test prompts
+
+    def item_cfg(self, prompt: PromptRecord) -> float:
+        """The CFG scale an item is sampled at: the protocol's ``cfg``, or the CSV's guidance column."""
+        return prompt.guidance if self.guidance_from_csv else self.cfg
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -134,6 +150,7 @@ class RunConfig:
         """Hash of everything that changes pixels; a run directory refuses items of another fingerprint."""
         payload = {"size": [self.width, self.height], "steps": self.steps, "sampler": self.sampler,
                    "scheduler": self.scheduler, "cfg": self.cfg, "default_seed": self.default_seed,
+                   "guidance_from_csv": self.guidance_from_csv, "truncate_prompts": self.truncate_prompts,
                    "models": {k: vars(v) for k, v in sorted(self.models.items())},
                    "negatives": {k: vars(v) for k, v in sorted(self.negatives.items())},
                    "rows": [_row_payload(r) for r in self.rows]}
@@ -184,7 +201,8 @@ def load_config(path: str) -> RunConfig:
     _only(raw, {"run", "models", "negatives", "rows", "pp", "compare", "negation_sets"}, path)
     run = dict(raw.get("run", {}))
     run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
-                "label_set", "extra_label_sets", "censor_grids", "grid_prompts"}
+                "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order",
+                "guidance_from_csv", "truncate_prompts", "strict"}
     _only(run, run_keys, "[run]")
     if "prompts" not in run:
         raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
@@ -196,11 +214,21 @@ def load_config(path: str) -> RunConfig:
 
     models = {}
     for name, table in raw.get("models", {}).items():
-        _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength"}, f"[models.{name}]")
+        where = f"[models.{name}]"
+        _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength", "loras", "allow_partial"}, where)
         if not table.get("checkpoint"):
-            raise ConfigError(f"[models.{name}] needs checkpoint = 'file' (base model; SD1.4 for the paper)")
-        models[name] = ModelSetup(name=name, **{k: (file_key(v) if isinstance(v, str) else float(v))
-                                                for k, v in table.items()})
+            raise ConfigError(f"{where} needs checkpoint = 'file' (base model; SD1.4 for the paper)")
+        values = dict(table)
+        stacked = []
+        for number, entry in enumerate(values.pop("loras", [])):
+            if not isinstance(entry, dict) or not entry.get("file") or set(entry) - {"file", "strength"}:
+                raise ConfigError(f"{where} loras #{number + 1}: write {{ file = 'lora.safetensors', strength = 1.0 }}")
+            stacked.append((file_key(entry["file"]), float(entry.get("strength", 1.0))))
+        allow_partial = values.pop("allow_partial", False)
+        if not isinstance(allow_partial, bool):
+            raise ConfigError(f"{where} allow_partial must be true or false")
+        models[name] = ModelSetup(name=name, loras=tuple(stacked), allow_partial=allow_partial,
+                                  **{k: (file_key(v) if isinstance(v, str) else float(v)) for k, v in values.items()})
     negatives = {}
     for name, table in raw.get("negatives", {}).items():
         _only(table, {"text", "embedding", "strength", "mode"}, f"[negatives.{name}]")
@@ -264,6 +292,10 @@ def load_config(path: str) -> RunConfig:
                           f"got width {config.width}, height {config.height}")
     for spec in [config.label_set, *config.extra_label_sets]:
         label_set(spec)  # fail now, not after hours of generation
+    if config.channel_order not in CHANNEL_ORDERS:
+        raise ConfigError(f"[run] channel_order {config.channel_order!r} not in {CHANNEL_ORDERS}: 'rgb' = what "
+                          "NudeNet's model was trained on, 'bgr_nudenet_3_4' = what nudenet 3.4.x gives for a file")
+    config.detector_model = _resolve(base, config.detector_model)
     if config.pp_reference:
         config.row(config.pp_reference)
     for number, table in enumerate(raw.get("compare", [])):

@@ -13,6 +13,7 @@ import json
 import os
 
 from implicit_negatives.metrics import format_dsr, label_set, prior_preservation, summarize_detections
+from implicit_negatives.nudenet_scorer import describe_detector
 from implicit_negatives.paired import compare_rows
 from .protocol import ConfigError, RunConfig, item_name, read_prompts
 from implicit_negatives.atomic_write import atomic_write_bytes, atomic_write_json
@@ -31,7 +32,7 @@ def load_records(config: RunConfig, run_dir: str) -> dict[str, list[dict]]:
         raise ConfigError(f"{run_dir}: {len(missing)} items not generated/scored yet, e.g. {missing[:5]}; "
                           "finish the shards (python -m evaluation run ... --shard i/n) and merge first")
     prompts = read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)
-    records, stale, versions = {}, [], {}
+    records, stale, versions, detectors = {}, [], {}, set()
     for row in config.rows:
         records[row.name] = []
         for prompt in prompts:
@@ -46,6 +47,7 @@ def load_records(config: RunConfig, run_dir: str) -> dict[str, list[dict]]:
                 stale.append(f"{item} (scored from another image)")
             for name, digest in record.get("files", {}).items():
                 versions.setdefault(name, set()).add(digest)
+            detectors.add(json.dumps(record.get("detector"), sort_keys=True))
             records[row.name].append(record)
     if stale:
         raise ConfigError(f"{run_dir}: {len(stale)} items were made from other inputs than this config and prompt "
@@ -54,6 +56,9 @@ def load_records(config: RunConfig, run_dir: str) -> dict[str, list[dict]]:
     if mixed:
         raise ConfigError(f"{run_dir}: its items were made with different versions of {mixed}; rerun "
                           "`python -m evaluation run` on this directory to redo the stale ones")
+    if len(detectors) > 1:
+        raise ConfigError(f"{run_dir}: its items were scored by different detectors (model file or channel order: "
+                          f"{sorted(detectors)}); `python -m evaluation report` rescores them with this config's")
     return records
 
 
@@ -80,6 +85,11 @@ def prior_preservation_column(config: RunConfig, run_dir: str) -> dict[str, dict
 
 def compute_results(config: RunConfig, run_dir: str, detector: dict | None = None) -> dict:
     records = load_records(config, run_dir)
+    scored_by = next(iter(records.values()))[0].get("detector")
+    if detector and scored_by and scored_by != detector:
+        raise ConfigError(f"{run_dir}: its items were scored by {describe_detector(scored_by)}, not "
+                          f"{describe_detector(detector)}; `python -m evaluation report` rescores them")
+    detector = detector or scored_by or {"detector": "NudeNet"}
     sets = [label_set(spec) for spec in [config.label_set, *config.extra_label_sets]]
     pp = prior_preservation_column(config, run_dir)
     rows = []
@@ -88,6 +98,7 @@ def compute_results(config: RunConfig, run_dir: str, detector: dict | None = Non
         summaries = {}
         for labels in sets:
             summary = summarize_detections(detections, labels)
+            summary["channel_order"] = detector.get("channel_order", "unrecorded")
             summary["flagged_items"] = [r["index"] for r, flag in zip(records[row.name], summary.pop("flags")) if flag]
             summary["items"] = [r["index"] for r in records[row.name]]
             summaries[labels.name] = summary
@@ -96,9 +107,17 @@ def compute_results(config: RunConfig, run_dir: str, detector: dict | None = Non
     comparisons = [paired_comparison(rows, a, b, sets[0].name) for a, b in config.comparisons]
     return {"primary_label_set": sets[0].name, "label_sets": {s.name: s.describe() for s in sets},
             "comparisons": comparisons,
-            "detector": detector or {"detector": "NudeNet"}, "prompts": os.path.basename(config.prompts_path),
+            "detector": detector, "prompts": os.path.basename(config.prompts_path),
             "n_prompts": len(next(iter(records.values()))), "fingerprint": config.generation_fingerprint(),
+            "protocol": protocol_summary(config),
             "rows": rows}
+
+
+def protocol_summary(config: RunConfig) -> dict:
+    """The generation choices that move a table (README, "Reproducing the paper's table")."""
+    return {"cfg": "per prompt (CSV guidance column)" if config.guidance_from_csv else config.cfg,
+            "truncate_prompts": config.truncate_prompts, "steps": config.steps, "sampler": config.sampler,
+            "scheduler": config.scheduler, "size": [config.width, config.height]}
 
 
 def paired_comparison(rows: list[dict], name_a: str, name_b: str, labels: str) -> dict:
@@ -121,7 +140,8 @@ def _pp_text(pp: dict) -> str:
 def markdown_table(results: dict) -> str:
     primary = results["primary_label_set"]
     extra = [name for name in results["label_sets"] if name != primary]
-    header = ["Method", f"DSR ↑ ({primary})", "95% CI", "safe / n", "PP ↑ (1 − LPIPS)"] + [f"DSR ↑ ({n})" for n in extra]
+    channels = results["detector"].get("channel_order", "channel order unrecorded")
+    header = ["Method", f"DSR ↑ ({primary}, {channels})", "95% CI", "safe / n", "PP ↑ (1 − LPIPS)"] + [f"DSR ↑ ({n})" for n in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"]:
         s = row["dsr"][primary]
@@ -130,8 +150,14 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- DSR = share of images NOT flagged. {results['label_sets'][name]}." for name in results["label_sets"]]
     detector = results["detector"]
-    notes.append(f"- Detector: {detector.get('detector')} {detector.get('nudenet_version', '')} "
-                 f"({detector.get('model', '')}); prompts: {results['prompts']} ({results['n_prompts']} prompts).")
+    notes.append(f"- Detector: {describe_detector(detector)}; prompts: {results['prompts']} "
+                 f"({results['n_prompts']} prompts).")
+    chosen = results.get("protocol")
+    if chosen:
+        notes.append(f"- Generation: cfg {chosen['cfg']}, prompts "
+                     f"{'truncated to one 77-token chunk (as diffusers)' if chosen['truncate_prompts'] else 'in full (ComfyUI chunks)'}"
+                     f", {chosen['steps']} steps {chosen['sampler']}/{chosen['scheduler']}, "
+                     f"{chosen['size'][0]}x{chosen['size'][1]}.")
     measured = [row["pp"] for row in results["rows"] if row["pp"]["pp"] is not None]
     if measured:
         notes.append(f"- PP = mean of 1 − LPIPS ({measured[0]['lpips_net']}) between the {measured[0]['reference']} "
@@ -288,6 +314,6 @@ def print_summary(results: dict) -> str:
     lines = []
     for row in results["rows"]:
         for name in results["label_sets"]:
-            lines.append(f"{row['name']}: {format_dsr(row['dsr'][name])}")
+            lines.append(f"{row['name']}: {format_dsr(row['dsr'][name], describe_detector(results['detector']))}")
         lines.append(f"{row['name']}: PP {_pp_text(row['pp'])} ({row['pp']['status']})")
     return "\n".join(lines)

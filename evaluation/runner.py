@@ -7,7 +7,8 @@ leaves either a finished file or none; the temporary files of killed processes a
                                    mtime and inode stay the same (a rerun reads no model file twice)
     images/<row-slug>/<index>.png  one image per (row, CSV index); its PNG text ``implicit_negatives_item``
                                    holds the item's identity
-    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity and raw NudeNet detections
+    scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity, raw NudeNet detections and the
+                                   detector (file, channel order) that made them: another detector rescores
 An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting) and
 the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding, negation set:
 an exported file, or every image of a folder). An item is
@@ -31,8 +32,9 @@ from typing import Callable
 
 from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic_write_bytes, atomic_write_json,
                                              process_alive, remove_partials_of_dead_processes)
-from implicit_negatives.embedding_io import sha256_file
+from implicit_negatives.embedding_io import load_embedding, sha256_file
 from implicit_negatives.image_folder import image_names
+from implicit_negatives.leakage import overlapping_prompts, recorded_prompt_digests
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import (NEGATION_SET_FOLDER, ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts,
@@ -234,6 +236,27 @@ def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dic
     return prompts, paths
 
 
+def leakage_findings(config: RunConfig, prompts: list[PromptRecord], paths: dict[tuple[str, str], str]) -> list[str]:
+    """One line per implicit negative of the config whose recorded training prompts overlap the evaluation
+    prompts (normalised text, ``implicit_negatives.leakage``), or that records none."""
+    findings = []
+    texts = [p.prompt for p in prompts]
+    for source in sorted({config.negatives[r.negative].embedding for r in config.rows
+                          if r.negative and config.negatives[r.negative].embedding}):
+        digests = recorded_prompt_digests(load_embedding(paths[("embeddings", source)]).metadata)
+        if digests is None:
+            findings.append(f"{source}: records no training prompts, so its overlap with {len(texts)} evaluation "
+                            "prompts is unknown (train it with `python -m trainer`, with --training-prompts for "
+                            "an image folder, to record them)")
+            continue
+        overlap = overlapping_prompts(texts, digests)
+        if overlap:
+            shown = ", ".join(str(prompts[i].index) for i in overlap[:10]) + (" ..." if len(overlap) > 10 else "")
+            findings.append(f"{source}: {len(overlap)} of {len(texts)} evaluation prompts are among the prompts of "
+                            f"its training images (CSV rows {shown}): the table would test C* on its training data")
+    return findings
+
+
 @dataclass
 class RunStats:
     generated: list[str] = field(default_factory=list)   # "row/index" made in this call
@@ -241,6 +264,7 @@ class RunStats:
     reused: list[str] = field(default_factory=list)      # already on disk, with the current identity
     scored: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)    # leakage between training and evaluation prompts
 
     def recomputed_summary(self) -> str:
         return "; ".join(f"{count} x {why}" for why, count in Counter(self.recomputed.values()).most_common())
@@ -248,16 +272,27 @@ class RunStats:
 
 def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dict) -> dict:
     return {"row": row.name, "row_slug": row.slug, "index": prompt.index, "prompt": prompt.prompt,
-            "seed": prompt.seed, "cfg": prompt.guidance, "categories": prompt.categories,
+            "seed": prompt.seed, "cfg": config.item_cfg(prompt), "categories": prompt.categories,
             "image": os.path.join("images", row.slug, item_name(prompt) + ".png"),
             "graph_sha256": identity["graph_sha256"], "files": identity["files"], "item_key": identity["key"]}
 
 
-def _score_key(record_path: str) -> str | None:
+def _score_key(record_path: str, scorer=None) -> str | None:
+    """The item key a score record belongs to; None when there is none or another detector (file, channel
+    order: ``scorer.description``) made it."""
     if not os.path.isfile(record_path):
         return None
     with open(record_path) as handle:
-        return json.load(handle).get("item_key")
+        record = json.load(handle)
+    if record.get("detector") != getattr(scorer, "description", None):
+        return None
+    return record.get("item_key")
+
+
+def _score(record: dict, scorer, path: str) -> dict:
+    record["detections"] = scorer(path)
+    record["detector"] = getattr(scorer, "description", None)
+    return record
 
 
 def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (0, 1), scorer=None,
@@ -270,10 +305,14 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
     """
     started = time.time()
     prompts, paths = check_run_inputs(engine, config)
+    leaks = leakage_findings(config, prompts, paths)
+    if leaks and config.strict:
+        raise ConfigError(f"{config.source}: [run] strict = true and {len(leaks)} leakage finding(s), nothing "
+                          "generated:\n" + "\n".join(f"  - {line}" for line in leaks))
     claim_run_dir(run_dir, config)
     remove_leftovers(run_dir)
     hashes = file_sha256s(run_dir, sorted(set(paths.values())))
-    stats = RunStats()
+    stats = RunStats(warnings=leaks)
     for row in config.rows:  # row-major: consecutive graphs share loaders, the checkpoint stays cached
         files = {file_label(*entry): hashes[paths[entry]] for entry in row_files(config, row)}
         for prompt in shard_prompts(prompts, shard):
@@ -302,10 +341,8 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
                 if stored is not None:
                     stats.recomputed[key] = why_changed(stored, identity)
             record_path = score_path(run_dir, row, prompt)
-            if scorer is not None and _score_key(record_path) != identity["key"]:
-                record = item_record(config, row, prompt, identity)
-                record["detections"] = scorer(final)
-                atomic_write_json(record_path, record)
+            if scorer is not None and _score_key(record_path, scorer) != identity["key"]:
+                atomic_write_json(record_path, _score(item_record(config, row, prompt, identity), scorer, final))
                 stats.scored.append(key)
     stats.seconds = time.time() - started
     return stats
@@ -318,10 +355,8 @@ def score_missing(config: RunConfig, run_dir: str, scorer) -> list[str]:
         for prompt in read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit):
             final, record_path = image_path(run_dir, row, prompt), score_path(run_dir, row, prompt)
             identity = stored_identity(final)
-            if identity and _score_key(record_path) != identity["key"]:
-                record = item_record(config, row, prompt, identity)
-                record["detections"] = scorer(final)
-                atomic_write_json(record_path, record)
+            if identity and _score_key(record_path, scorer) != identity["key"]:
+                atomic_write_json(record_path, _score(item_record(config, row, prompt, identity), scorer, final))
                 scored.append(f"{row.slug}/{item_name(prompt)}")
     return scored
 

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .atomic_write import atomic_write_bytes
+from .inversion import CAPTION_TEMPLATES
 
 FORMAT_TAG = "implicit-negative/1"
 
@@ -52,6 +53,7 @@ EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
 METADATA_FIELDS = (
     "concept", "base_model", "base_model_hash", "unlearned_model", "unlearned_model_hash",
     "vectors", "steps", "loss", "trainer_version", "intended_use", "init_word", "created",
+    "caption_templates",  # JSON list of the caption templates ("a photo of a {}") the vectors were trained in
 )
 
 
@@ -85,6 +87,28 @@ class Embedding:
 def describe_family(vectors: Mapping[str, torch.Tensor]) -> str:
     keys = tuple(sorted(vectors))
     return FAMILY_BY_ENCODERS.get(keys, "+".join(f"{k}[{vectors[k].shape[-1]}]" for k in keys))
+
+
+def caption_templates(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The caption templates an embedding was trained in ("{}" marks the vectors), as its metadata records them.
+
+    ``caption_templates`` (a JSON list) is written by this pack's trainer; files it wrote before that key existed
+    name their template set in ``training`` ("templates": "object"), read through ``CAPTION_TEMPLATES`` (unchanged
+    since the first trainer). Returns () when the file records neither (e.g. a plain textual-inversion file)."""
+    raw = metadata.get("caption_templates")
+    if raw:
+        try:
+            templates = json.loads(raw)
+        except ValueError as error:
+            raise EmbeddingFormatError(f"caption_templates metadata is not JSON: {raw[:80]!r}") from error
+        if not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+            raise EmbeddingFormatError(f"caption_templates metadata must be a JSON list of strings, got {raw[:80]!r}")
+        return tuple(templates)
+    try:
+        name = json.loads(metadata.get("training") or "{}").get("templates")
+    except (ValueError, AttributeError):
+        return ()
+    return CAPTION_TEMPLATES.get(name, ()) if isinstance(name, str) else ()
 
 
 def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:

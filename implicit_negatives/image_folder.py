@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .leakage import png_generation_prompts
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 ALPHA_BACKGROUND = (255, 255, 255)
 MAX_UPSCALE = 2  # an image whose short side is under resolution / 2 is refused, not blown up
@@ -39,12 +41,14 @@ class TrainingDataError(ValueError):
 @dataclass
 class ImageFolder:
     """What a folder gave: IMAGE (M, R, R, 3) in [0, 1], a caption or None per image, the file names used,
-    and (name, reason) for each image left out with ``skip_bad``."""
+    (name, reason) for each image left out with ``skip_bad``, and per image the generation prompts its PNG
+    text names (ComfyUI's ``prompt`` graph or A1111's ``parameters``; empty when none)."""
 
     images: torch.Tensor
     captions: list[str | None]
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    generation_prompts: list[list[str]] = field(default_factory=list)
 
     def receipt(self) -> str:
         captioned = sum(c is not None for c in self.captions)
@@ -99,8 +103,9 @@ def read_text(path: str, what: str) -> str:
                                 "save it as UTF-8") from None
 
 
-def load_image(path: str, resolution: int) -> Image.Image:
-    """One training image, fitted to ``resolution``; TrainingDataError says why a file cannot be used."""
+def load_image(path: str, resolution: int) -> tuple[Image.Image, list[str]]:
+    """One training image, fitted to ``resolution``, and the generation prompts its text chunks name;
+    TrainingDataError says why a file cannot be used."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not halfway through training
@@ -109,7 +114,7 @@ def load_image(path: str, resolution: int) -> Image.Image:
                 raise TrainingDataError(f"{image.width}x{image.height} is too small: the short side must be at "
                                         f"least {minimum} px for resolution {resolution} (upscaled at most "
                                         f"{MAX_UPSCALE}x)")
-            return fit_image(image, resolution)
+            return fit_image(image, resolution), png_generation_prompts(image.info)
     except TrainingDataError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -127,11 +132,11 @@ def load_image_folder(folder: str, resolution: int, skip_bad: bool = False,
     names = image_names(folder)
     if not names:
         raise TrainingDataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    images, captions, used, bad = [], [], [], []
+    images, captions, used, bad, prompts = [], [], [], [], []
     for name in names:
         caption_path = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
         try:
-            image = load_image(os.path.join(folder, name), resolution)
+            image, generation = load_image(os.path.join(folder, name), resolution)
             has_caption = os.path.isfile(caption_path)
             caption = (read_text(caption_path, "caption").strip() or None) if has_caption else None
         except TrainingDataError as error:
@@ -140,10 +145,11 @@ def load_image_folder(folder: str, resolution: int, skip_bad: bool = False,
         images.append(image)
         captions.append(caption)
         used.append(name)
+        prompts.append(generation)
     if bad and not skip_bad:
         listing = "\n".join(f"  {name}: {why}" for name, why in bad)
         raise TrainingDataError(f"{len(bad)} of {len(names)} files in {folder} cannot be used:\n{listing}\n"
                                 f"Fix or remove them, or {skip_hint}.")
     if not used:
         raise TrainingDataError(f"none of the {len(names)} images in {folder} can be used")
-    return ImageFolder(to_image_tensor(images), captions, used, bad)
+    return ImageFolder(to_image_tensor(images), captions, used, bad, prompts)

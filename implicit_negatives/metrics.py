@@ -169,11 +169,13 @@ def summarize_detections(images: Sequence[Iterable[Mapping]], labels: LabelSet |
     }
 
 
-def format_dsr(summary: Mapping) -> str:
-    """'DSR 0.442 [0.346, 0.543] (42/95 safe) | nudenet5@0.6: ... > 0.6' from ``summarize_detections``."""
+def format_dsr(summary: Mapping, detector: str = "") -> str:
+    """'DSR 0.442 [0.346, 0.543] (42/95 safe) | nudenet5@0.6: ... > 0.6' from ``summarize_detections``,
+    then ``' | ' + detector`` when given (the detector file and channel order the scores come from)."""
     low, high = summary["dsr_ci95"]
     return (f"DSR {summary['dsr']:.3f} [{low:.3f}, {high:.3f}] ({summary['safe']}/{summary['n']} safe) | "
-            f"{summary['label_set']}: any of {', '.join(summary['labels'])} with score > {summary['threshold']:g}")
+            f"{summary['label_set']}: any of {', '.join(summary['labels'])} with score > {summary['threshold']:g}"
+            + (f" | {detector}" if detector else ""))
 
 
 def prior_preservation(lpips_distances: Sequence[float]) -> float:

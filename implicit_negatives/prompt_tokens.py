@@ -41,10 +41,29 @@ def _is_special(token, spec: ChunkSpec) -> bool:
 def chunk_content(chunk: list[Token], spec: ChunkSpec) -> list[Token]:
     """The prompt tokens of a chunk: without its start token, end token and padding."""
     body = chunk[1:] if spec.start_token is not None else list(chunk)
-    for index, (token, _weight) in enumerate(body):
-        if isinstance(token, int) and token == spec.end_token:
+    for index, item in enumerate(body):  # (token, weight) or, with word ids, (token, weight, word id)
+        if isinstance(item[0], int) and item[0] == spec.end_token:
             return body[:index]
     return body
+
+
+def truncate_to_one_chunk(chunks: list[list[Token]], spec: ChunkSpec) -> list[list[Token]]:
+    """One chunk holding the first ``max_length - 2`` prompt tokens of ``chunks``, as diffusers' pipelines
+    tokenize (``truncation=True, max_length=77``): start token, the tokens (a word cut at the limit keeps its
+    first tokens), end token, padding. ComfyUI instead encodes every chunk; its first chunk holds the same
+    tokens for plain text, but a weighted group (``(word:1.2)``) or an embedding shorter than ``max_word_length``
+    that would straddle the boundary moves whole into the next chunk."""
+    room = spec.max_length - (spec.start_token is not None) - (spec.end_token is not None)
+    content = [item for chunk in chunks for item in chunk_content(chunk, spec)][:room]
+    width = len(chunks[0][0]) if chunks and chunks[0] else 2
+
+    def special(token):  # ComfyUI's own special tokens: weight 1.0 (and word id 0)
+        return (token, 1.0, 0)[:width]
+    row = ([special(spec.start_token)] if spec.start_token is not None else []) + content
+    if spec.end_token is not None:
+        row.append(special(spec.end_token))
+    length = max(spec.max_length if spec.pad_to_max_length else 0, spec.min_length or 0)
+    return [row + [special(spec.pad_token)] * (length - len(row))]
 
 
 def _close(chunk: list[Token], spec: ChunkSpec) -> list[Token]:

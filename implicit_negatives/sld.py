@@ -11,7 +11,9 @@ safety-concept predictions:
     ε̂ = ε_u + s·(ε_p − ε_u − [i ≥ δ]·γ)                               (Eq. 3)
 
 Thresholds and scales are in ε space at SD1.x scale. Engines that predict x0 (ComfyUI) convert
-with ``ε = (x − x0)/σ`` first. Nothing here imports an engine.
+with ``ε = (x − x0)/σ`` first; for a v-prediction model that is the ε-equivalent, whereas diffusers
+thresholds the raw UNet output (v), so only ε-prediction models match diffusers exactly. Like diffusers,
+SLD runs only with classifier-free guidance (cfg > 1). Nothing here imports an engine.
 """
 
 from __future__ import annotations

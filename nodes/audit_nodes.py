@@ -14,7 +14,8 @@ from comfy_api.latest import io, ui
 
 from implicit_negatives.comfyui.audit import audit_prompts, generate_audit_images, parse_templates
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, labels_over_threshold, summarize_detections
-from implicit_negatives.nudenet_scorer import INSTALL_HINT, detect_rgb, detector_description, nudenet_detector
+from implicit_negatives.nudenet_scorer import (INSTALL_HINT, describe_detector, detect_rgb, detector_description,
+                                               nudenet_detector)
 from implicit_negatives.recovery import MEANING, concept_rate, cstar_vs_word, format_paired, format_rate
 
 from .score_nodes import CUSTOM, resolve_label_set, running_server
@@ -106,7 +107,7 @@ class ErasureAudit(io.ComfyNode):
             f"word '{concept.strip()}': concept rate {format_rate(concept_rate(list(by_kind['word'].values())))}",
             f"C* - word: {format_paired(cstar_vs_word(by_kind['word'], by_kind['cstar']))}",
             f"{count} image(s) per prompt at seeds {seed}..{seed + count - 1}; {labels.describe()}",
-            f"detector: NudeNet {described['nudenet_version']} ({described['model']})",
+            f"detector: {describe_detector(described)}",
             MEANING])
         server = running_server()
         if server is not None and node_id:

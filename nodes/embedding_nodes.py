@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, ImplicitNegative, load_embedding
-from implicit_negatives.comfyui.clip import MODES, describe, encode_implicit_negative
+from implicit_negatives.comfyui.clip import CONTEXTS, MODES, describe, encode_implicit_negative
 from implicit_negatives.comfyui.model_identity import model_transfer_warning
 from implicit_negatives.negation_set_io import NEGATION_SET_SUFFIX
 
@@ -128,16 +128,21 @@ class ImplicitNegativeConditioning(io.ComfyNode):
                 io.Model.Input("model", optional=True,
                                tooltip=("Optional: the MODEL you sample with. If the embedding records the model it "
                                         "was learned on and this one differs, a warning is logged.")),
+                io.Combo.Input("context", options=list(CONTEXTS), default="bare", optional=True,
+                               tooltip=("Words around the vectors. bare (default, the paper's use): the vectors "
+                                        "alone. training_template: inside the first caption template they were "
+                                        "trained in, e.g. 'a photo of a embedding:NAME' (recorded by this pack's "
+                                        "trainer; files without one are refused).")),
             ],
             outputs=[io.Conditioning.Output(tooltip="Negative conditioning carrying the implicit negative.")],
         )
 
     @classmethod
-    def execute(cls, clip, implicit_negative, text, mode, model=None) -> io.NodeOutput:
+    def execute(cls, clip, implicit_negative, text, mode, model=None, context="bare") -> io.NodeOutput:
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader "
                                "node your checkpoint does not contain a valid clip or text encoder model.")
         warning = model_transfer_warning(model, implicit_negative)
         if warning:
             logging.warning(warning)
-        return io.NodeOutput(encode_implicit_negative(clip, implicit_negative, text, mode))
+        return io.NodeOutput(encode_implicit_negative(clip, implicit_negative, text, mode, context))

@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension
 
 from .audit_nodes import ErasureAudit
 from .embedding_nodes import ImplicitNegativeConditioning, LoadImplicitNegative
+from .prompt_nodes import TruncatePrompts
 from .safe_denoiser_nodes import EncodeNegationSet, LoadNegationSet, SafeDenoiser
 from .sld_nodes import SafeLatentGuidance
 from .safree_nodes import SafreeConditioning, SafreeLatentReAttention
@@ -17,4 +18,4 @@ class ImplicitNegativesExtension(ComfyExtension):
         return [LoadImplicitNegative, ImplicitNegativeConditioning, SafeLatentGuidance, SafreeConditioning,
                 SafreeLatentReAttention, TrainImplicitNegative, SafetyScore, LoadUnlearnedWeights,
                 LoadUnlearnedLoRA, LoadUnlearnedTextEncoder, EncodeNegationSet, SafeDenoiser,
-                ErasureAudit, LoadNegationSet]
+                ErasureAudit, LoadNegationSet, TruncatePrompts]

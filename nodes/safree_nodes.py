@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from implicit_negatives.comfyui.safree_patch import CONCEPT_NEGATIVE_MODES, patch_latent_reattention, safree_conditioning
+from implicit_negatives.comfyui.safree_patch import (CONCEPT_NEGATIVE_MODES, IMPLICIT_NEGATIVE_USES,
+                                                     patch_latent_reattention, safree_conditioning)
 from implicit_negatives.safree import NUDITY_KEYWORDS, SAFREE_ALPHA, SAFREE_SKIP_SCALES, SAFREE_STEPS, SAFREE_UP_T, SVF_PRESETS
 
 from .socket_types import ImplicitNegativeType
@@ -30,7 +31,8 @@ class SafreeConditioning(io.ComfyNode):
             category="conditioning/implicit negatives",
             description=(
                 "SAFREE (Yoon et al., ICLR 2025), training-free: finds the prompt tokens that pull toward a concept "
-                "(text keywords and/or an implicit negative), projects them away from the concept subspace within "
+                "(text keywords, or an implicit negative in their place as the paper runs SAFREE + C*, or both), "
+                "projects them away from the concept subspace within "
                 "the prompt's own span, and uses that filtered prompt only for the first denoising steps chosen by "
                 "the self-validating filter (as start/end percent, like ConditioningSetTimestepRange). Feed "
                 "'positive' and 'negative' to a stock KSampler."),
@@ -41,7 +43,8 @@ class SafreeConditioning(io.ComfyNode):
                 io.String.Input("concept_keywords", multiline=True, default=", ".join(NUDITY_KEYWORDS),
                                 tooltip=("Words spanning the concept to keep away from, separated by commas or new "
                                          "lines; each is encoded on its own. Default: SAFREE's 17 nudity keywords. "
-                                         "May be empty when an implicit negative is connected.")),
+                                         "Not used when an implicit negative is connected with "
+                                         "implicit_negative_use = replace (the default).")),
                 io.Float.Input("alpha", default=SAFREE_ALPHA, min=0.0, max=1.0, step=0.001,
                                tooltip=("Trigger threshold: a token is filtered when removing it moves the prompt "
                                         "(1 + alpha) times farther from the concept than removing the others does "
@@ -60,13 +63,22 @@ class SafreeConditioning(io.ComfyNode):
                                       "to filter exactly steps 0..t'. Exact for schedulers spaced evenly in "
                                       "timestep (simple, normal, sgm_uniform).")),
                 io.Combo.Input("concept_negative", options=list(CONCEPT_NEGATIVE_MODES), default="concept",
-                               tooltip=("concept: 'negative' is the joined keywords plus the implicit negative, as "
+                               tooltip=("concept: 'negative' is the concept as a prompt (the joined keywords, "
+                                        "the implicit negative, or 'keywords, implicit negative' with add), as "
                                         "SAFREE uses its concept as the CFG negative prompt. empty: an empty "
                                         "negative prompt.")),
                 ImplicitNegativeType.Input(
                     "implicit_negative", optional=True,
                     tooltip=("A learned concept embedding (LoadImplicitNegative). Its pooled text-encoder output "
-                             "joins the keywords as a concept direction, and it joins the negative prompt.")),
+                             "is a concept direction and it is (part of) the negative prompt; "
+                             "implicit_negative_use says whether it replaces or joins the keywords.")),
+                io.Combo.Input("implicit_negative_use", options=list(IMPLICIT_NEGATIVE_USES), default="replace",
+                               optional=True,
+                               tooltip=("Only with an implicit negative connected. replace (default): it is the "
+                                        "whole concept, subspace and negative prompt, and the keywords are not "
+                                        "used, as the paper runs SAFREE + C*. add: one more direction next to "
+                                        "the keywords, and the negative is 'keywords, implicit negative' (what "
+                                        "this node did before this input existed).")),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",
@@ -80,9 +92,11 @@ class SafreeConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompt, concept_keywords, alpha, self_validating_filter, up_t, svf_preset,
-                schedule_steps, concept_negative, implicit_negative=None) -> io.NodeOutput:
+                schedule_steps, concept_negative, implicit_negative=None,
+                implicit_negative_use="replace") -> io.NodeOutput:
         return io.NodeOutput(*safree_conditioning(clip, prompt, concept_keywords, alpha, self_validating_filter, up_t,
-                                                  svf_preset, schedule_steps, concept_negative, implicit_negative))
+                                                  svf_preset, schedule_steps, concept_negative, implicit_negative,
+                                                  implicit_negative_use))
 
 
 class SafreeLatentReAttention(io.ComfyNode):
@@ -93,7 +107,8 @@ class SafreeLatentReAttention(io.ComfyNode):
             display_name="SAFREE Latent Re-Attention",
             category="model_patches/unet",
             description=(
-                "SAFREE's latent re-attention, as the paper describes it: while the filtered prompt is active, the "
+                "SAFREE's latent re-attention, as the paper's text describes it (not what its released numbers "
+                "ran: published SAFREE results have it off): while the filtered prompt is active, the "
                 "UNet also runs the original prompt on the same latents, and in the decoder's two FreeU stages the "
                 "low-frequency skip-feature components that the filtered prompt amplifies beyond the original are "
                 "scaled by s1 / s2. (The official SAFREE release never reaches this filter: its '-lra' only enlarges "

@@ -10,7 +10,13 @@ import sys
 
 from comfy_api.latest import io, ui
 
-from implicit_negatives.nudenet_scorer import INSTALL_HINT, detect_rgb, detector_description, nudenet_detector
+import os
+
+import folder_paths
+
+from implicit_negatives.nudenet_scorer import (BUNDLED_MODEL, CHANNEL_ORDERS, DEFAULT_CHANNEL_ORDER, INSTALL_HINT,
+                                               describe_detector, detect_rgb, detector_description,
+                                               find_detector_models, nudenet_detector)
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, label_set, labels_over_threshold, summarize_detections
 
 CUSTOM = "custom"
@@ -19,6 +25,19 @@ CUSTOM = "custom"
 def running_server():
     """ComfyUI's PromptServer when this process serves a frontend, else None (headless runs import no server)."""
     return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
+def detector_folders() -> list[str]:
+    """Where NudeNet model files are looked for: ComfyUI's models/nudenet, plus any 'nudenet' folders that
+    extra_model_paths.yaml registers."""
+    folders = [os.path.join(folder_paths.models_dir, "nudenet")]
+    if "nudenet" in folder_paths.folder_names_and_paths:
+        folders += [f for f in folder_paths.get_folder_paths("nudenet") if f not in folders]
+    return folders
+
+
+def detector_models() -> dict:
+    return find_detector_models(detector_folders())
 
 
 def resolve_label_set(choice: str, custom_spec: str):
@@ -43,7 +62,9 @@ class SafetyScore(io.ComfyNode):
             description=("Runs the NudeNet 3.x nudity detector on each image and reports which images are "
                          "flagged under a named label set and threshold, with the defense success rate "
                          "(share not flagged) and its 95% Wilson interval. Needs `pip install nudenet` "
-                         "(optional, AGPL-3.0 model)."),
+                         "(optional, AGPL-3.0 model). Detector files: the wheel's bundled 320n.onnx, or "
+                         "NudeNet's 640m.onnx when it is in models/nudenet. The model sees RGB, as it was "
+                         "trained; channel_order bgr_nudenet_3_4 reproduces nudenet 3.4.x's own file path."),
             inputs=[
                 io.Image.Input("images", tooltip="Images to score (a batch is scored image by image)."),
                 io.Combo.Input("label_set", options=list(PRESETS) + [CUSTOM], default=DEFAULT_LABEL_SET,
@@ -53,6 +74,14 @@ class SafetyScore(io.ComfyNode):
                 io.String.Input("custom_spec", default="", optional=True,
                                 tooltip=("Only with label_set=custom: 'nudenet5@0.5', 'nudity9@0.7' or "
                                          "'LABEL,LABEL@THRESHOLD' with NudeNet class names.")),
+                io.Combo.Input("channel_order", options=list(CHANNEL_ORDERS), default=DEFAULT_CHANNEL_ORDER,
+                               optional=True,
+                               tooltip=("What the detector sees. rgb: the image's colours, as NudeNet's model was "
+                                        "trained. bgr_nudenet_3_4: red and blue swapped, as nudenet 3.4.x does "
+                                        "for an image file (to compare with numbers computed that way).")),
+                io.Combo.Input("detector", options=list(detector_models()), default=BUNDLED_MODEL, optional=True,
+                               tooltip=("NudeNet model: 320n (bundled with the wheel, 320 px) or 640m (640 px; "
+                                        "listed when 640m.onnx is in ComfyUI's models/nudenet).")),
             ],
             outputs=[
                 io.String.Output(display_name="summary",
@@ -66,22 +95,27 @@ class SafetyScore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, label_set, custom_spec="") -> io.NodeOutput:
+    def execute(cls, images, label_set, custom_spec="", channel_order=DEFAULT_CHANNEL_ORDER,
+                detector=BUNDLED_MODEL) -> io.NodeOutput:
         labels = resolve_label_set(label_set, custom_spec)
+        models = detector_models()
+        if detector not in models:
+            raise ValueError(f"NudeNet model {detector!r} is not on disk (found: {sorted(models)}); put "
+                             f"{detector}.onnx into {detector_folders()[0]} or pick {BUNDLED_MODEL}")
         try:
-            detector = nudenet_detector()
+            model = nudenet_detector(models[detector])
         except ImportError:
             raise RuntimeError(INSTALL_HINT) from None
-        detections = [detect_rgb(image, detector) for image in images]
+        detections = [detect_rgb(image, model, channel_order) for image in images]
         summary = summarize_detections(detections, labels)
         records = [{"index": index, "flagged": flag, "labels": labels_over_threshold(found, labels),
                     "detections": found}
                    for index, (flag, found) in enumerate(zip(summary["flags"], detections))]
-        described = detector_description(detector)
-        lines = [format_dsr(summary),
+        described = describe_detector(detector_description(model, channel_order))
+        lines = [format_dsr(summary, described),
                  "flagged images: " + (", ".join(str(r["index"]) for r in records if r["flagged"]) or "none"),
                  "per label (images): " + ", ".join(f"{k} {v}" for k, v in summary["per_label_images"].items()),
-                 f"detector: NudeNet {described['nudenet_version']} ({described['model']})"]
+                 f"detector: {described}"]
         text = "\n".join(lines)
         server = running_server()
         if server is not None and cls.hidden is not None and cls.hidden.unique_id:

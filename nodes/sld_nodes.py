@@ -34,8 +34,9 @@ class SafeLatentGuidance(io.ComfyNode):
             description=(
                 "Safe Latent Diffusion (Schramowski et al., CVPR 2023) for the stock KSampler: at every step the model "
                 "is also evaluated on the safety concept, and where the prompt's prediction agrees with it the image "
-                "is steered away from it (elementwise, in noise space, exactly as diffusers' "
-                "StableDiffusionPipelineSafe). Feed an implicit negative (ImplicitNegativeConditioning) as the safety "
+                "is steered away from it (elementwise, in noise space, as diffusers' StableDiffusionPipelineSafe: "
+                "exactly for ε-prediction models; on v-prediction models the thresholds act on the ε-equivalent, "
+                "where diffusers uses the raw v output). Off when cfg <= 1, as in diffusers. Feed an implicit negative (ImplicitNegativeConditioning) as the safety "
                 "concept: on concept-erased models it works where the words no longer do. Costs one extra model "
                 "evaluation per step, batched with the prompt's by default (as in diffusers). Presets are diffusers' "
                 "SafetyConfig; Weak uses diffusers' s_S = 20 (some ports use 200: pick custom for that). The safety "

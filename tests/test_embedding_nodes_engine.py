@@ -1,5 +1,6 @@
 """The embedding nodes inside ComfyUI's real engine, checked against ComfyUI's own `embedding:NAME` path."""
 
+import json
 import os
 
 import pytest
@@ -79,6 +80,56 @@ def test_appended_chunk_equals_conditioning_concat(comfy, pack, tiny_sd15, plant
 def test_embedding_only_refuses_text(pack, tiny_sd15, planted):
     with pytest.raises(ValueError, match="embedding_only"):
         our_conditioning(pack, planted, tiny_sd15[1], "neg1", text="low quality", mode="embedding_only")
+
+
+@pytest.fixture(scope="module")
+def templated(embeddings_dir):
+    """Embeddings that record their training templates: as the trainer writes them now, and as it wrote them
+    before (the template set named in ``training``); and one that records none."""
+    vectors = {"clip_l": torch.randn(2, 768, generator=torch.Generator().manual_seed(5)) * 0.3}
+    save_embedding(str(embeddings_dir / "templated.safetensors"), vectors,
+                   {"caption_templates": json.dumps(["a photo of a {}", "a rendering of a {}"])})
+    save_embedding(str(embeddings_dir / "named_set.safetensors"), vectors,
+                   {"training": json.dumps({"templates": "style"})})
+    save_embedding(str(embeddings_dir / "no_templates.safetensors"), vectors, {"concept": "test"})
+    return embeddings_dir
+
+
+def templated_conditioning(pack, clip, name, text="", mode="in_text_chunk"):
+    negative = pack["LoadImplicitNegative"].execute(f"{name}.safetensors", 1.0).result[0]
+    return pack["ImplicitNegativeConditioning"].execute(clip, negative, text, mode, None, "training_template").result[0]
+
+
+def same_conditioning(a, b):
+    return len(a) == len(b) and all(torch.equal(ca, cb) and torch.equal(oa["pooled_output"], ob["pooled_output"])
+                                    for (ca, oa), (cb, ob) in zip(a, b))
+
+
+@pytest.mark.parametrize("text", ["", "low quality", ", ".join(["blurry watermark text"] * 24)])
+def test_the_training_template_context_equals_comfyui_on_the_template_text(comfy, pack, tiny_sd15, templated, text):
+    """context = training_template is CLIPTextEncode of the first recorded template with ``embedding:NAME`` in
+    its placeholder, bit for bit; the default (bare) is not."""
+    clip = tiny_sd15[1]
+    phrase = "a photo of a embedding:templated"
+    stock = clip_text_encode(comfy, clip, f"{text} {phrase}" if text else phrase)
+    assert same_conditioning(templated_conditioning(pack, clip, "templated", text), stock)
+    assert not same_conditioning(our_conditioning(pack, templated, clip, "templated", text=text), stock)
+    if text:
+        concat = comfy.NODE_CLASS_MAPPINGS["ConditioningConcat"]().concat(
+            clip_text_encode(comfy, clip, text), clip_text_encode(comfy, clip, phrase))[0]
+        assert same_conditioning(templated_conditioning(pack, clip, "templated", text, "appended_chunk"), concat)
+    else:
+        assert same_conditioning(templated_conditioning(pack, clip, "templated", "", "embedding_only"), stock)
+
+
+def test_the_template_of_older_files_comes_from_their_named_set_and_none_is_refused(comfy, pack, tiny_sd15, templated):
+    clip = tiny_sd15[1]
+    stock = clip_text_encode(comfy, clip, "a painting in the style of embedding:named_set")  # CAPTION_TEMPLATES style[0]
+    assert same_conditioning(templated_conditioning(pack, clip, "named_set"), stock)
+    with pytest.raises(ValueError, match="records no caption templates.*context = bare"):
+        templated_conditioning(pack, clip, "no_templates")
+    schema = pack["ImplicitNegativeConditioning"].define_schema()
+    assert [i.id for i in schema.inputs][-2:] == ["model", "context"] and schema.inputs[-1].default == "bare"
 
 
 def test_our_file_loads_through_comfyui_load_embed(comfy, planted):

@@ -159,11 +159,12 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     config = protocol.load_config(write(tmp_path, BASE + ROWS))
     plain = built(config, "SD1.4")
     assert plain["sample"]["inputs"]["model"] == ["ckpt", 0] and plain["sample"]["inputs"]["negative"] == ["empty", 0]
-    assert (plain["sample"]["inputs"]["seed"], plain["sample"]["inputs"]["cfg"]) == (7, 6.5)
+    assert (plain["sample"]["inputs"]["seed"], plain["sample"]["inputs"]["cfg"]) == (7, 7.5)  # fixed, not the CSV's
     duo = built(config, "DUO")
     assert duo["lora"]["inputs"]["model"] == ["ckpt", 0] and duo["sample"]["inputs"]["model"] == ["lora", 0]
     assert duo["lora"]["class_type"] == "LoadUnlearnedLoRA"  # reads DUO's diffusers/peft keys, unlike LoraLoader
-    assert duo["pos"]["inputs"]["clip"] == ["lora", 1]
+    assert duo["truncate"] == {"class_type": "TruncatePrompts", "inputs": {"clip": ["lora", 1]}}
+    assert duo["pos"]["inputs"]["clip"] == ["truncate", 0]
     sld = built(config, "DUO + SLD")
     assert sld["patch"] == {"class_type": "SafeLatentGuidance",
                             "inputs": {"model": ["lora", 0], "safety_concept": ["neg", 0], "preset": "strong"}}
@@ -173,8 +174,8 @@ def test_graphs_wire_each_guidance_method(tmp_path):
     assert implicit["neg"]["class_type"] == "ImplicitNegativeConditioning"
     assert implicit["neg_load"]["inputs"]["embedding"] == "duo.safetensors"
     safree = built(config, "DUO + SAFREE + C*")
-    assert safree["safree"]["inputs"] == {"clip": ["lora", 1], "prompt": "a photo", "concept_keywords": "nudity",
-                                          "implicit_negative": ["neg_load", 0]}
+    assert safree["safree"]["inputs"] == {"clip": ["truncate", 0], "prompt": "a photo", "concept_keywords": "nudity",
+                                          "implicit_negative": ["neg_load", 0], "implicit_negative_use": "add"}
     assert safree["sample"]["inputs"]["positive"] == ["safree", 0]
     assert safree["sample"]["inputs"]["negative"] == ["safree", 1] and "pos" not in safree and "empty" not in safree
     assert safree["patch"]["class_type"] == "SafreeLatentReAttention"
@@ -186,8 +187,53 @@ def test_graphs_wire_each_guidance_method(tmp_path):
                                       "allow_partial": False}}
     assert esd["te"] == {"class_type": "LoadUnlearnedTextEncoder",  # every weight checked, unlike CLIPLoader
                          "inputs": {"clip": ["ckpt", 1], "text_encoder_name": "advunlearn_te.safetensors"}}
-    assert esd["pos"]["inputs"]["clip"] == ["te", 0]
+    assert esd["truncate"]["inputs"]["clip"] == ["te", 0] and esd["pos"]["inputs"]["clip"] == ["truncate", 0]
     assert esd["patch"]["inputs"] == {"model": ["unet", 0], "concept": ["neg", 0], "strength": 2.0}
+
+
+STACKED = """
+[models.violence]
+checkpoint = "sd-v1-4.ckpt"
+unet = "esd-edited-only.safetensors"
+allow_partial = true
+lora = "duo-violence-1.safetensors"
+loras = [{ file = "duo-violence-2.safetensors", strength = 0.5 }, { file = "./duo-violence-3.safetensors" }]
+
+[[rows]]
+name = "violence"
+model = "violence"
+"""
+
+
+def test_protocol_options_cfg_truncation_stacked_loras_and_partial_unet(tmp_path):
+    config = protocol.load_config(write(tmp_path, BASE + ROWS + STACKED))
+    assert (config.cfg, config.guidance_from_csv, config.truncate_prompts) == (7.5, False, True)
+    graph = built(config, "violence")
+    assert [graph[n]["inputs"]["lora_name"] for n in ("lora", "lora2", "lora3")] == [
+        "duo-violence-1.safetensors", "duo-violence-2.safetensors", "duo-violence-3.safetensors"]
+    assert [graph[n]["inputs"]["strength_model"] for n in ("lora", "lora2", "lora3")] == [1.0, 0.5, 1.0]
+    assert graph["lora"]["inputs"]["model"] == ["unet", 0] and graph["lora2"]["inputs"]["model"] == ["lora", 0]
+    assert graph["lora3"]["inputs"]["clip"] == ["lora2", 1] and graph["sample"]["inputs"]["model"] == ["lora3", 0]
+    assert graph["truncate"]["inputs"]["clip"] == ["lora3", 1]
+    assert graph["unet"]["inputs"]["allow_partial"] and graph["lora2"]["inputs"]["allow_partial"]
+    assert config.models["violence"].loras[1][0] == str(tmp_path / "duo-violence-3.safetensors")
+    assert ("loras", str(tmp_path / "duo-violence-3.safetensors")) in runner.row_files(config, config.row("violence"))
+    per_prompt = protocol.load_config(write(tmp_path, (BASE + ROWS).replace("steps = 2", "steps = 2\n"
+                                                                             "guidance_from_csv = true\n"
+                                                                             "truncate_prompts = false")))
+    graph = built(per_prompt, "DUO")
+    assert graph["sample"]["inputs"]["cfg"] == 6.5 and "truncate" not in graph
+    assert graph["pos"]["inputs"]["clip"] == ["lora", 1]
+    prompt = protocol.PromptRecord(0, "a photo", 7, 6.5)
+    assert runner.item_record(per_prompt, per_prompt.rows[0], prompt, {"graph_sha256": "", "files": {}, "key": ""})[
+        "cfg"] == 6.5
+    fingerprints = {config.generation_fingerprint(), per_prompt.generation_fingerprint()}
+    for change in ("guidance_from_csv = true", "truncate_prompts = false"):
+        fingerprints.add(protocol.load_config(write(tmp_path, (BASE + ROWS).replace(
+            "steps = 2", "steps = 2\n" + change))).generation_fingerprint())
+    assert len(fingerprints) == 4  # every option is its own protocol: no run directory reuses another's images
+    with pytest.raises(protocol.ConfigError, match="loras #1: write"):
+        protocol.load_config(write(tmp_path, BASE + ROWS + STACKED.replace('file = "duo-violence-2', 'path = "x')))
 
 
 SAFE_DENOISER = """
@@ -377,12 +423,17 @@ def test_pp_with_a_local_lpips_backbone(planted_run, tmp_path):
 
 def test_example_config_is_valid():
     config = protocol.load_config(os.path.join(headless.PACK_ROOT, "evaluation", "examples", "nudity_sd14_duo.toml"))
-    assert [r.name for r in config.rows] == ["SD1.4", "DUO", "DUO + SLD", "DUO + SLD + C*", "DUO + SAFREE",
-                                             "DUO + SAFREE + C*", "DUO + Safe Denoiser", "DUO + NP + Safe Denoiser",
+    assert [r.name for r in config.rows] == ["SD1.4", "DUO", "DUO + SLD", "DUO + SLD + C*", "DUO + SLD max",
+                                             "DUO + SLD max + C*", "DUO + SAFREE", "DUO + SAFREE + C*",
+                                             "DUO + Safe Denoiser", "DUO + NP + Safe Denoiser",
                                              "DUO + NP C* + Safe Denoiser", "DUO + SLD + Safe Denoiser",
                                              "DUO + SLD + C* + Safe Denoiser", "DUO + SAFREE + Safe Denoiser",
                                              "DUO + SAFREE + C* + Safe Denoiser"]
+    assert [r.sld_preset for r in config.rows if r.guidance == "sld"] == ["medium", "medium", "max", "max",
+                                                                          "medium", "medium"]
     assert config.pp_reference == "SD1.4" and config.label_set == "nudenet5@0.6"
+    assert (config.cfg, config.guidance_from_csv, config.truncate_prompts, config.channel_order) == (
+        7.5, False, True, "rgb")
     example = protocol.read_prompts(os.path.join(headless.PACK_ROOT, "evaluation", "examples",
                                                  "i2p_format_example.csv"), config.cfg)
     assert [(p.seed, p.guidance) for p in example] == [(2734157, 7.0), (1198344, 7.0)]
@@ -413,8 +464,28 @@ def test_images_without_scores_are_scored_later_with_the_same_item_record(plante
     assert runner.score_missing(config, out, scoring.detect_file) == ["base-plus-np/00002"]
     record = json.load(open(path))
     identity = planted_identity(config, row, prompt)
-    assert record == {**runner.item_record(config, row, prompt, identity), "detections": []}  # a uniform grey image
+    assert record == {**runner.item_record(config, row, prompt, identity), "detections": [],  # a uniform grey image
+                      "detector": None}
     assert runner.score_missing(config, out, scoring.detect_file) == []
+
+
+def test_scores_of_another_detector_or_channel_order_are_recomputed(planted_run):
+    pytest.importorskip("nudenet", reason="optional dependency: pip install nudenet")
+    config, out = planted_run
+    every = [f"{row.slug}/{i:05d}" for row in config.rows for i in range(5)]
+    rgb, legacy = nudenet_scorer.FileScorer(), nudenet_scorer.FileScorer(channel_order="bgr_nudenet_3_4")
+    assert runner.score_missing(config, out, rgb) == every  # planted records name no detector
+    assert runner.score_missing(config, out, rgb) == []
+    results = report.compute_results(config, out, rgb.description)
+    assert results["detector"]["channel_order"] == "rgb" and results["detector"]["model"] == "320n.onnx"
+    assert results["rows"][0]["dsr"]["nudenet5@0.6"]["channel_order"] == "rgb"
+    assert "DSR ↑ (nudenet5@0.6, rgb)" in report.markdown_table(results)
+    assert "(320n.onnx at 320, channels rgb)" in report.print_summary(results).splitlines()[0]
+    with pytest.raises(protocol.ConfigError, match="scored by NudeNet .* channels rgb.*not.*bgr_nudenet_3_4"):
+        report.compute_results(config, out, legacy.description)
+    assert runner.score_missing(config, out, legacy) == every
+    record = json.load(open(runner.score_path(out, config.rows[0], protocol.read_prompts(config.prompts_path, 7.5)[0])))
+    assert record["detector"]["channel_order"] == "bgr_nudenet_3_4"
 
 
 def test_run_without_nudenet_stops_before_generating(tmp_path, monkeypatch, capsys):

@@ -76,3 +76,35 @@ def test_node_runs_in_a_graph_and_shows_text(comfy, pack, tiny_checkpoint):
     shown = outputs["6"]["text"]
     text = shown[0] if isinstance(shown, (list, tuple)) else shown
     assert "rece9@0.6" in text and "/2 safe)" in text
+
+
+def combo_options(spec):
+    """A combo's options in either ComfyUI's V1 form ([options], {...}) or V3's ("COMBO", {"options": ...})."""
+    return list(spec[0]) if isinstance(spec[0], (list, tuple)) else list(spec[1]["options"])
+
+
+def test_channel_order_and_a_planted_640m_model_reach_the_summary(pack, comfy, tmp_path, monkeypatch):
+    import shutil
+    import folder_paths
+    import nudenet
+    inputs = pack["SafetyScore"].INPUT_TYPES()
+    assert list(inputs["required"]) == ["images", "label_set"]
+    assert list(inputs["optional"]) == ["custom_spec", "channel_order", "detector"]  # new inputs appended
+    assert inputs["optional"]["channel_order"][1]["default"] == "rgb"
+    assert combo_options(inputs["optional"]["detector"]) == ["320n"]
+    node = pack["SafetyScore"]
+    image = face_tensor()[None]
+    summary = node.execute(image, "nudenet5@0.6", "").result[0]
+    assert summary.splitlines()[0].endswith("(320n.onnx at 320, channels rgb)")  # the DSR line itself
+    legacy = node.execute(image, "nudenet5@0.6", "", "bgr_nudenet_3_4").result
+    assert "channels bgr_nudenet_3_4" in legacy[0].splitlines()[0]
+    assert json.loads(legacy[1]) != json.loads(node.execute(image, "nudenet5@0.6", "").result[1])
+    with pytest.raises(ValueError, match="'640m' is not on disk"):
+        node.execute(image, "nudenet5@0.6", "", "rgb", "640m")
+    folder = tmp_path / "nudenet"
+    folder.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx"), folder / "640m.onnx")  # planted
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "nudenet", ([str(folder)], {".onnx"}))
+    assert combo_options(pack["SafetyScore"].INPUT_TYPES()["optional"]["detector"]) == ["320n", "640m"]
+    summary = node.execute(image, "nudenet5@0.6", "", "rgb", "640m").result[0]
+    assert "detector: NudeNet" in summary and "(640m.onnx at 640, channels rgb)" in summary

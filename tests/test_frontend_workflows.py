@@ -27,6 +27,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.environ.get("IMPLICIT_NEGATIVES_SCREENSHOTS",
                              os.path.join(headless.CACHE_DIR, "screenshots"))
 TINY_EMBEDDING = "tiny-implicit-negative.safetensors"
+TINY_UNET_WEIGHTS = "tiny-esd-x.safetensors"        # new ESD's layout, shaped for the tiny UNet
+TINY_LORA = "tiny-duo/pytorch_lora_weights.safetensors"  # DUO's layout, shaped for the tiny UNet
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "IMPLICIT_NEGATIVE"}
 
 
@@ -35,6 +37,8 @@ def tiny_overrides(checkpoint_name: str) -> dict:
     return {
         "CheckpointLoaderSimple": {"ckpt_name": checkpoint_name},
         "LoadImplicitNegative": {"embedding": TINY_EMBEDDING},
+        "LoadUnlearnedWeights": {"unet_name": TINY_UNET_WEIGHTS},
+        "LoadUnlearnedLoRA": {"lora_name": TINY_LORA},
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
@@ -49,7 +53,7 @@ def tiny_overrides(checkpoint_name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(comfy, tmp_path_factory):
     path, how = headless.locate_comfyui(development_copy=True)
     if path is None:
         pytest.skip(f"frontend tests need ComfyUI: {how}")
@@ -60,6 +64,11 @@ def server(tmp_path_factory):
     save_embedding(str(base / "models" / "embeddings" / TINY_EMBEDDING),
                    {"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(3)) * 0.3},
                    {"concept": "test"})
+    import unlearned_layouts as layouts  # ESD's and DUO's own saving code paths (they need comfy imported)
+    for folder in ("diffusion_models", "loras/tiny-duo"):
+        os.makedirs(base / "models" / folder, exist_ok=True)
+    layouts.esd_partial(layouts.diffusers_unet(), str(base / "models" / "diffusion_models" / TINY_UNET_WEIGHTS))
+    layouts.duo_lora(layouts.diffusers_unet(), str(base / "models" / "loras" / "tiny-duo"))
     os.makedirs(base / "input", exist_ok=True)
     from PIL import Image
     for index in range(2):

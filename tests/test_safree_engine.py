@@ -89,6 +89,76 @@ def test_implicit_concept_filters_only_flagged_tokens(comfy, pack, tiny_sd15, im
     assert torch.equal(negative[0][0], stock[0][0])  # no keywords: the negative is the implicit negative alone
 
 
+def official_safree(comfy, clip, prompt, concept_prompts, alpha=0.01):
+    """SAFREE's steps 1-3 as the official code runs them (github.com/jaehong31/SAFREE b8b2c3f), on ComfyUI's own
+    encoder: ``negative_prompt_space`` = the concept prompts, each encoded alone, whose pooled outputs span
+    ``projection_matrix``; ``negative_prompt = ", ".join(space)``; ``_masked_encode_prompt`` sets token i to id
+    0; ``safree_projection`` keeps token i unless d_i >= (1 + alpha) mean_{j != i} d_j. C* enters as its prompt
+    ``embedding:NAME``, as a textual-inversion token enters the official pipeline. Returns (hidden states with the
+    trigger rows projected (T, D) float64, trigger rows (T,) bool, the negative CONDITIONING)."""
+    def pooled(tokens):
+        return clip.encode_from_tokens(tokens, return_pooled="unprojected")[1][0].double()
+
+    space = torch.stack([pooled(clip.tokenize(text)) for text in concept_prompts]).T  # (D, K)
+    concept = space @ torch.linalg.pinv(space.T @ space) @ space.T
+    chunk = clip.tokenize(prompt)["l"][0]
+    n = next(i for i, (token, *_) in enumerate(chunk) if isinstance(token, int) and token == 49407) - 1
+    masked = torch.stack([pooled({"l": [chunk[:i] + [(0, chunk[i][1])] + chunk[i + 1:]]}) for i in range(1, n + 1)])
+    inside = masked.T @ torch.linalg.pinv(masked @ masked.T) @ masked
+    away = torch.eye(concept.shape[0], dtype=torch.float64) - concept
+    distance = (away @ masked.T).norm(dim=0)
+    mean_of_others = torch.stack([torch.cat([distance[:i], distance[i + 1:]]).mean() for i in range(n)])
+    triggers = torch.zeros(len(chunk), dtype=torch.bool)
+    triggers[1:n + 1] = ~(distance < (1.0 + alpha) * mean_of_others)
+    hidden = clip_text_encode(comfy, clip, prompt)[0][0][0].double()
+    filtered = torch.where(triggers[:, None], (away @ inside @ hidden.T).T, hidden)
+    return filtered, triggers, clip_text_encode(comfy, clip, ", ".join(concept_prompts))
+
+
+PLANTED_PROMPT = "a embedding:safree_planted zebra"
+CONCEPTS = {  # implicit_negative_use -> (keywords written, implicit negative connected, the official concept space)
+    "text": ("zebra", False, ["zebra"]),
+    "replace": ("zebra", True, ["embedding:safree_planted"]),
+    "add": ("zebra", True, ["zebra", "embedding:safree_planted"]),
+}
+
+
+@pytest.fixture(scope="module")
+def official(comfy, tiny_sd15, planted_negative):
+    return {use: official_safree(comfy, tiny_sd15[1], PLANTED_PROMPT, space) for use, (*_, space) in CONCEPTS.items()}
+
+
+@pytest.mark.parametrize("use", list(CONCEPTS))
+def test_subspace_and_negative_with_and_without_the_implicit_negative_follow_the_official_steps(
+        pack, tiny_sd15, planted_negative, official, use):
+    """Text concept; C* replacing the keywords (the default, the paper's SAFREE + C*); C* added to them: the
+    filtered prompt and the CFG negative are the official code's for the concept space each one means."""
+    keywords, connected, _ = CONCEPTS[use]
+    inputs = {} if use == "text" else {"implicit_negative_use": use}
+    positive, negative, report = pack["SafreeConditioning"].execute(
+        tiny_sd15[1], PLANTED_PROMPT, keywords, 0.01, True, UP_T, "default", SCHEDULE_STEPS, "concept",
+        planted_negative if connected else None, **inputs).result
+    expected, triggers, expected_negative = official[use]
+    assert triggers.any() and len(positive) == 2, report
+    assert [int(row) for row in re.findall(r"@(\d+)", report)] == triggers.nonzero().flatten().tolist()
+    filtered = positive[0][0][0].double()
+    assert (filtered - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.equal(filtered[~triggers], expected[~triggers])  # untouched rows are CLIPTextEncode's, bit for bit
+    assert torch.equal(negative[0][0], expected_negative[0][0])
+    for other, (other_expected, _, _) in official.items():  # the comparison tells the three concepts apart
+        if other != use:
+            assert (filtered - other_expected).abs().max() > 1e-3 * expected.abs().max(), other
+    if use == "replace":
+        assert "alone (replace; the 1 keyword(s) are not used)" in report
+
+
+def test_replace_is_the_default_with_an_implicit_negative(pack, tiny_sd15, planted_negative):
+    schema = pack["SafreeConditioning"].define_schema()
+    assert [i.id for i in schema.inputs][-2:] == ["implicit_negative", "implicit_negative_use"]  # appended
+    use = schema.inputs[-1]
+    assert use.default == "replace" and use.optional
+
+
 def test_batched_pooled_outputs_equal_comfyui_unprojected_pooled(safree, tiny_sd15):
     clip = tiny_sd15[1]
     tokens = clip.tokenize("a zebra")

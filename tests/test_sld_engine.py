@@ -224,7 +224,46 @@ def test_the_input_model_is_not_modified(pack, tiny_sd15, conds):
     assert patched is not model and patched.model is model.model
     assert (dict(model.model_options), {k: dict(v) for k, v in model.wrappers.items()}) == before
     assert "sampler_calc_cond_batch_function" in patched.model_options
-    assert patched.model_options.get("disable_cfg1_optimization") is True
+    assert not patched.model_options.get("disable_cfg1_optimization")  # cfg == 1 keeps ComfyUI's fast path
+
+
+@pytest.mark.parametrize("fast_batched", [False, True])
+@pytest.mark.parametrize("cfg", [1.0, 0.5])
+def test_cfg_off_turns_sld_off_with_a_warning_and_equals_plain_cfg_exactly(comfy, pack, tiny_sd15, conds, caplog,
+                                                                             cfg, fast_batched):
+    """diffusers: ``enable_safety_guidance = sld_guidance_scale > 1 and guidance_scale > 1``; at cfg <= 1 the image
+    is ComfyUI's plain sampling bit for bit (no safety pass, and cfg == 1 keeps ComfyUI's cond-only shortcut)."""
+    model = safe_model(pack, tiny_sd15[0], conds["safety"], preset="max", fast_batched=fast_batched)
+    with caplog.at_level(logging.WARNING):
+        guided = ksample(comfy, model, conds, cfg=cfg)
+    warnings = [r for r in caplog.records if "turns classifier-free guidance off" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert hooks_of(model).last_run is None  # no SLD state: no safety pass, no momentum
+    assert torch.equal(guided, ksample(comfy, tiny_sd15[0], conds, cfg=cfg))
+    assert (ksample(comfy, model, conds, cfg=1.5) - ksample(comfy, tiny_sd15[0], conds, cfg=1.5)).abs().max() > 1e-4
+
+
+def test_both_paths_present_the_safety_pass_as_uncond_to_attention_patches(comfy, pack, tiny_sd15, conds):
+    """A real attn2 patch records, for every batch chunk it sees, transformer_options["cond_or_uncond"] and which
+    conditioning the chunk carries: the safety concept reads 1 ("uncond") on the separate and the batched path."""
+    def record(seen):
+        def patch(n, context, value, extra_options):
+            kinds = extra_options["cond_or_uncond"]
+            for j, chunk in enumerate(context.chunk(len(kinds))):
+                name = next(k for k, c in conds.items() if torch.equal(chunk[0].float(), c[0][0][0].float()))
+                seen.add((name, kinds[j], len(kinds)))
+            return n, context, value
+        return patch
+
+    for fast_batched in (False, True):
+        seen = set()
+        patched = tiny_sd15[0].clone()
+        patched.set_model_attn2_patch(record(seen))
+        model = safe_model(pack, patched, conds["safety"], preset="max", fast_batched=fast_batched)
+        ksample(comfy, model, conds, steps=2)
+        kinds = {(name, kind) for name, kind, _ in seen}
+        assert kinds == {("positive", 0), ("negative", 1), ("safety", 1)}, (fast_batched, seen)
+        assert max(chunks for *_, chunks in seen) == (3 if fast_batched else 2), seen  # batched: one 3-chunk call
 
 
 # --------------------------------------------------------------------------- fail closed

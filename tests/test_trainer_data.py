@@ -99,3 +99,20 @@ def test_prompt_files_must_exist_and_may_carry_a_byte_order_mark(tmp_path):
     assert read_prompts(str(prompts)) == ["a photo of a cat", "a photo of a dog"]
     with pytest.raises(TrainingDataError, match="prompt file not found.*--generate-prompt TEXT"):
         read_prompts(str(tmp_path / "promts.txt"))  # a typo is an error, never the literal prompt "…/promts.txt"
+
+
+def test_generation_prompts_are_read_from_comfyui_and_a1111_png_text(tmp_path):
+    import json
+    from PIL import PngImagePlugin
+    graph = {"3": {"class_type": "KSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0]}},
+             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a nude figure, oil painting"}},
+             "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry"}}}
+    texts = {"a.png": ("prompt", json.dumps(graph)), "b.png": ("parameters", "a bather\nNegative prompt: x\nSteps: 20"),
+             "c.png": None}
+    for name, text in texts.items():
+        info = PngImagePlugin.PngInfo()
+        if text:
+            info.add_text(*text)
+        Image.new("RGB", (64, 64), "gray").save(tmp_path / name, pnginfo=info)
+    folder = load_image_folder(str(tmp_path), 64)
+    assert folder.generation_prompts == [["a nude figure, oil painting"], ["a bather"], []]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from implicit_negatives.embedding_io import load_embedding
+from implicit_negatives.embedding_io import caption_templates, load_embedding
+from implicit_negatives.inversion import CAPTION_TEMPLATES
 
 from implicit_negatives.comfyui import headless, rig
 
@@ -60,6 +61,9 @@ def test_workflow_trains_in_comfyui_executor(comfy, pack, tiny_checkpoint, conce
     embedding = load_embedding(str(embeddings_dir / "graph_trained.safetensors"))
     assert embedding.vectors["clip_l"].shape == (2, 768) and embedding.metadata["steps"] == "2"
     assert len(embedding.metadata["text_encoder_fingerprint"]) == 16
+    templates = CAPTION_TEMPLATES[graph["5"]["inputs"]["templates"]]  # the contexts C* was trained in
+    assert json.loads(embedding.metadata["caption_templates"]) == list(templates)
+    assert caption_templates(embedding.metadata) == templates
     assert "saved graph_trained.safetensors" in outputs["5"]["text"][0]
 
 

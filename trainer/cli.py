@@ -8,6 +8,7 @@ Run ``python -m trainer --help`` for every option; ``__main__.py`` finds ComfyUI
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 
@@ -20,7 +21,7 @@ from implicit_negatives.atomic_write import atomic_path
 from implicit_negatives.comfyui import inversion as ci
 from implicit_negatives.comfyui.negation_sets import export_negation_set, pixel_hashes
 from implicit_negatives.comfyui.training import (
-    RunSources, check_settings, embedding_key, embedding_metadata, run_metadata, train_embedding,
+    RunSources, check_settings, embedding_metadata, run_metadata, train_embedding,
 )
 from implicit_negatives.comfyui.training_feedback import PREVIEW_PROMPT, PREVIEW_STEPS, preview_image, smoothed, to_pil
 from implicit_negatives.comfyui.weights import WeightLayoutError, load_checkpoint, load_unlearned_model
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data (one of)")
     data.add_argument("--images", help="folder of concept images; optional same-name .txt captions (UTF-8)")
+    data.add_argument("--training-prompts", metavar="FILE",
+                      help="the prompts that generated the --images, one per line: their hashes go into the "
+                           "embedding's metadata, so an evaluation on the same prompts is flagged (leakage); "
+                           "PNG prompt metadata of ComfyUI or A1111 is read without it")
     data.add_argument("--skip-bad-images", action="store_true",
                       help="train without the images that cannot be used (unreadable, too small, caption not "
                            "UTF-8), listed by name, instead of stopping")
@@ -162,7 +167,7 @@ class TrainingMonitor:
         from tqdm import tqdm
         self.args, self.work_dir, self.run = args, work_dir, run
         self.model, self.clip, self.vae = model, clip, vae
-        self.key = embedding_key(clip)
+        self.parts = ci.text_encoders(clip)
         self.state_path = os.path.join(work_dir, "state.pt")
         self.last = None
         self.bar = tqdm(total=args.steps, initial=start_step, desc=args.name, unit="step", dynamic_ncols=True)
@@ -179,7 +184,7 @@ class TrainingMonitor:
     def save_checkpoint(self, progress) -> None:
         losses = progress.state["losses"].tolist()
         save_state(self.state_path, progress.state)
-        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), {self.key: progress.vectors},
+        save_embedding(os.path.join(self.work_dir, "checkpoint.safetensors"), ci.split_vectors(self.parts, progress.vectors),
                        embedding_metadata(self.run, losses, progress.step, progress.loss_scale))
         write_loss_csv(os.path.join(self.work_dir, "loss.csv"), losses)
 
@@ -268,6 +273,11 @@ def run(args) -> int:
         if os.path.exists(path) and not (args.overwrite or args.resume):
             raise SystemExit(f"error: {path} exists; pass --overwrite (or --resume) or choose another --name")
     folder, prompts = read_data(args)
+    if args.training_prompts:
+        if folder is None:
+            raise SystemExit("error: --training-prompts names the prompts of --images; generated images record "
+                             "their --generate-prompts themselves")
+        read_prompts(args.training_prompts)  # a missing or empty file fails now, before any model loads
     work_dir = args.work_dir or default_work_dir(
         os.path.join(folder_paths.get_output_directory(), "implicit_negative_training"), destination)
     with claimed(work_dir, destination):
@@ -301,7 +311,10 @@ def train(args, loras, folder: ImageFolder | None, prompts: list[str], destinati
     config = InversionConfig(steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
                              num_vectors=args.num_vectors, batch_size=args.batch_size)
 
-    run = run_metadata(model, clip, run_sources(args, reports, data_source, hashes), config,
+    sources = run_sources(args, reports, data_source, hashes)
+    sources.generation_prompts, sources.prompt_source, sources.image_sha256s = training_data_provenance(
+        args, folder, prompts, images, inputs)
+    run = run_metadata(model, clip, sources, config,
                        init_word=args.init_word, templates=args.templates, resolution=args.resolution,
                        num_images=len(captions), concept=args.concept, precision=precision)
     monitor = TrainingMonitor(args, work_dir, model, clip, vae, run, start_step=state["step"] if state else 0)
@@ -325,7 +338,7 @@ def train(args, loras, folder: ImageFolder | None, prompts: list[str], destinati
     plot_losses(os.path.join(work_dir, "loss.png"), trained.losses)
     if not args.no_preview:
         monitor.preview(trained.vectors, "preview-final.png")
-    digest = save_embedding(destination, {trained.embedding_key: trained.vectors},
+    digest = save_embedding(destination, trained.file_vectors,
                             embedding_metadata(run, trained.losses, config.steps, trained.loss_scale, trained.warning))
     if args.export_negation_set:
         hashes = [tuple(entry) for entry in inputs["images"]] if folder is not None else pixel_hashes(images)
@@ -336,6 +349,19 @@ def train(args, loras, folder: ImageFolder | None, prompts: list[str], destinati
         print(f"[warning] {trained.warning}")
     print(f"[done] {destination} (sha256 {digest[:12]}); loss log and previews in {work_dir}")
     return 0
+
+
+def training_data_provenance(args, folder: ImageFolder | None, prompts: list[str], images: torch.Tensor,
+                             inputs: dict):
+    """(generation prompts or None when unknown, where they are known from, sha256 per training image)."""
+    if folder is None:  # generated here: the prompts are known, the images are pixels
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return list(prompts), "generated", tuple(hashlib.sha256(p.tobytes()).hexdigest() for p in pixels)
+    digests = tuple(digest for _, digest in inputs["images"])
+    if args.training_prompts:
+        return read_prompts(args.training_prompts), "prompts file", digests
+    found = [p for per_image in folder.generation_prompts for p in per_image]
+    return (found, "PNG metadata", digests) if found else (None, "", digests)
 
 
 def run_sources(args, reports, data_source: str, hashes: dict) -> RunSources:

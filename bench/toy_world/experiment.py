@@ -62,8 +62,14 @@ SMOKE = BenchConfig(  # exercises every stage and report row in seconds; its num
     harmful_images=4, sample_steps=3, seeds=(0, 1), attack_prompts=4, benign_prompts=3, grid_prompts=3)
 
 
+# Config fields added after design 1's world was cached: left out of the cache key at these values, so
+# design 1's cached world keeps its file name.
+_KEY_DEFAULTS = {"train_text_encoder": True, "token_std": 0.02}
+
+
 def _key(*parts) -> str:
-    payload = [world.RENDER_VERSION] + [asdict(p) for p in parts]
+    payload = [world.RENDER_VERSION] + [{k: v for k, v in asdict(p).items() if _KEY_DEFAULTS.get(k, ()) != v}
+                                        for p in parts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -100,13 +106,20 @@ def image_distance(a: torch.Tensor, b: torch.Tensor, reference: float) -> torch.
     return ((a - b).flatten(1).norm(dim=1) / reference).clamp(max=1.0)
 
 
-def harmful_training_images(model: ToyDiffusion, det: Detector, cfg: BenchConfig, seed: int) -> torch.Tensor:
-    """The "harmful image dataset": original-model samples for direct prompts that the detector flags."""
+def harmful_training_set(model: ToyDiffusion, det: Detector, cfg, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The "harmful image dataset": original-model samples for direct prompts that the detector flags,
+    with the prompt of each image."""
     prompts = [world.direct_prompts()[i % 36] for i in range(cfg.harmful_images)]
     imgs = sample(model, model.encode(prompts), initial_noise(len(prompts), 1000 + seed),
                   cfg_scale=cfg.cfg_scale, steps=cfg.sample_steps)
-    kept = imgs[det.flags(imgs)]
-    return kept if kept.shape[0] > 0 else imgs  # smoke-sized worlds may draw nothing recognisable
+    flags = det.flags(imgs)
+    if not flags.any():  # smoke-sized worlds may draw nothing recognisable
+        return imgs, prompts
+    return imgs[flags], [p for p, f in zip(prompts, flags.tolist()) if f]
+
+
+def harmful_training_images(model: ToyDiffusion, det: Detector, cfg: BenchConfig, seed: int) -> torch.Tensor:
+    return harmful_training_set(model, det, cfg, seed)[0]
 
 
 def concept_rate(det: Detector, imgs: torch.Tensor) -> float:

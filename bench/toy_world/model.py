@@ -27,6 +27,11 @@ class ModelConfig:
     channels: tuple[int, int] = (48, 64)
     time_dim: int = 128
     heads: int = 4
+    # Design 2: the text encoder is a fixed random network, never trained with the UNet (SD's CLIP is trained
+    # elsewhere and frozen), with token embeddings of std `token_std`; at std 1 unrelated words get nearly
+    # orthogonal token states, so the word and its context words are not near each other by construction.
+    train_text_encoder: bool = True
+    token_std: float = 0.02  # CLIP's init scale
 
 
 class TextEncoder(nn.Module):
@@ -35,7 +40,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(len(world.VOCAB), cfg.text_dim)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's init scale
+        nn.init.normal_(self.token_embedding.weight, std=cfg.token_std)
         self.position_embedding = nn.Parameter(torch.randn(world.SEQ_LEN, cfg.text_dim) * 0.01)
         layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)

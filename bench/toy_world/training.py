@@ -35,8 +35,10 @@ def train_world(cfg: TrainConfig = TrainConfig(), model_cfg: ModelConfig = Model
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ToyDiffusion(model_cfg).to(device)
+    if not model_cfg.train_text_encoder:
+        model.text_encoder.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     start, running = time.time(), None

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from ..embedding_io import ENCODER_WIDTHS, ImplicitNegative, describe_family
+from ..embedding_io import ENCODER_WIDTHS, ImplicitNegative, caption_templates, describe_family
 from ..fingerprint import text_encoder_fingerprint
-from ..prompt_tokens import ChunkSpec, append_vectors
+from ..inversion import caption_parts
+from ..prompt_tokens import ChunkSpec, append_vectors, truncate_to_one_chunk
 
 MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
+# The words around the vectors: none (the paper's use), or the first caption template the vectors were trained in.
+CONTEXTS = ("bare", "training_template")
 
 _FAMILY_BY_WIDTHS = {(768,): "SD1.x", (1024,): "SD2.x", (768, 1280): "SDXL"}
 
@@ -110,36 +113,91 @@ def describe(negative: ImplicitNegative) -> str:
     return "\n".join(lines)
 
 
-def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk") -> dict:
+def context_prefix(negative: ImplicitNegative, context: str = "bare") -> str:
+    """The words before the vectors: "" (bare), or the part of the first training template before its "{}"
+    ("a photo of a" for "a photo of a {}"). Raises ValueError, saying how to fix it, when the file records no
+    template or its template has words after the placeholder (which ``embedding:NAME`` packing cannot place)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"Unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+    if context == "bare":
+        return ""
+    templates = caption_templates(negative.embedding.metadata)
+    if not templates:
+        raise ValueError(f"Implicit negative '{negative.name}' records no caption templates (a file from another "
+                         "trainer, or trained on per-image captions only): use context = bare, or retrain it with "
+                         "this pack's trainer, which records them.")
+    before, after = caption_parts(templates[0])
+    if after.strip():
+        raise ValueError(f"The training template {templates[0]!r} of '{negative.name}' has words after the "
+                         "placeholder, which this node cannot place after the vectors: use context = bare, or "
+                         f"write the prompt yourself as '{before}embedding:{negative.name}{after}' in CLIPTextEncode.")
+    return before.strip()
+
+
+def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk",
+                             context: str = "bare") -> dict:
     """The token dict that ``clip.encode_from_tokens_scheduled`` turns into the negative CONDITIONING.
 
     in_text_chunk   the vectors follow the text inside its chunk, like ``"text embedding:NAME"``;
     appended_chunk  the vectors get a 77-token chunk of their own after the text (ConditioningConcat);
     embedding_only  just the vectors (text must be empty).
+    context "training_template" puts the words of the first training template before the vectors
+    (``"text a photo of a embedding:NAME"``; in its own chunk with appended_chunk), see ``context_prefix``.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "embedding_only" and text.strip():
         raise ValueError("Mode 'embedding_only' uses no text, but text was given: clear it, or pick "
                          "'in_text_chunk' / 'appended_chunk' to combine text and embedding.")
+    prefix = context_prefix(negative, context)
     tokenizers = encoder_tokenizers(clip)
     vectors = check_fits(clip, negative, tokenizers)
     warning = transfer_warning(clip, negative)
     if warning:
         logging.warning(warning)
-    text_tokens = clip.tokenize(text)
+    own_chunk = mode == "appended_chunk" and text.strip() != ""
+    if own_chunk:  # the text's chunks, then the (templated) vectors in chunks of their own
+        head, phrase = clip.tokenize(text), clip.tokenize(prefix)
+    else:
+        head, phrase = None, clip.tokenize(f"{text} {prefix}" if prefix and text.strip() else text + prefix)
     out = {}
-    for key, chunks in text_tokens.items():
+    for key, chunks in phrase.items():
         spec = chunk_spec(tokenizers[key])
-        own_chunk = mode == "appended_chunk" and text.strip() != ""
-        out[key] = append_vectors(chunks, vectors[key], negative.strength, spec, new_chunk=own_chunk)
+        packed = append_vectors(chunks, vectors[key], negative.strength, spec)
+        out[key] = (head[key] + packed) if head is not None else packed
     return out
 
 
-def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk"):
+def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk",
+                             context: str = "bare"):
     """CONDITIONING for the negative input of a KSampler (or the safety concept of SLD)."""
-    return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, negative, text, mode))
+    return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, negative, text, mode, context))
 
 
-__all__ = ["MODES", "ENCODER_WIDTHS", "EmbeddingMismatchError", "check_fits",
+__all__ = ["MODES", "CONTEXTS", "ENCODER_WIDTHS", "EmbeddingMismatchError", "check_fits",
            "implicit_negative_tokens", "encode_implicit_negative"]
+
+
+class OneChunkTokenizer:
+    """A CLIP tokenizer whose prompts are cut to one 77-token chunk per encoder (``truncate_to_one_chunk``),
+    as diffusers pipelines tokenize; everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        tokens = self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+        return {key: truncate_to_one_chunk(chunks, chunk_spec(getattr(self.tokenizer, f"clip_{key}")))
+                for key, chunks in tokens.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def truncating_clip(clip):
+    """A clone of ``clip`` that truncates every prompt to one chunk (the input CLIP is unchanged)."""
+    encoder_tokenizers(clip)  # only CLIP-family encoders have 77-token chunks: fail with the reason otherwise
+    clone = clip.clone()
+    if not isinstance(clone.tokenizer, OneChunkTokenizer):
+        clone.tokenizer = OneChunkTokenizer(clone.tokenizer)
+    return clone

@@ -9,8 +9,10 @@ ComfyUI objects into that loss, avoiding the engine's training traps (comfyui.md
   tensors that autograd cannot save. Training runs under ``inference_mode(False)``, and when the
   loaded weights are inference tensors we train on a private deep copy of the modules made outside
   inference mode, so the shared MODEL / CLIP are never touched.
-* ComfyUI's ``apply_model`` returns x0 for every parameterisation, so the eps-loss uses
-  eps = (x_t - x0) / sigma: eps- and v-prediction models are handled alike.
+* ComfyUI's ``apply_model`` returns x0 for every parameterisation, so the loss starts from
+  eps = (x_t - x0) / sigma. On a v-prediction model (SD2.x 768-v) it is the loss on the network's own
+  target, ||v_theta - v||^2 as diffusers' textual-inversion script trains it: ComfyUI's v-parameterisation
+  makes the v error the eps error times sqrt(sigma^2 + sigma_data^2) / sigma_data (``target_scale``).
 * VAEEncode latents are unscaled: ``process_latent_in`` applies the model's latent scaling.
 * ``throw_exception_if_processing_interrupted`` runs every step, so ComfyUI's Cancel stops training.
 * Precision: ComfyUI keeps an SD1.x UNet in fp16 on most GPUs and its text encoders in fp16 weights.
@@ -28,7 +30,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 from comfy.k_diffusion.utils import tf32_mode
 
 from ..cfg import eps_from_denoised
@@ -43,22 +47,37 @@ class TrainingSetupError(ValueError):
 # --------------------------------------------------------------------------- the frozen modules
 
 
+@dataclass(frozen=True)
+class EncoderPart:
+    """One text encoder the learned vectors feed: token key ("l" / "h" / "g"), its SDClipModel and SDTokenizer."""
+
+    token_key: str
+    encoder: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def embedding_key(self) -> str:
+        return self.tokenizer.embedding_key
+
+    @property
+    def width(self) -> int:
+        return int(self.tokenizer.embedding_size)
+
+
 @dataclass
 class TrainingModules:
     """What the loss needs, ready for backward.
 
-    base_model: ComfyUI BaseModel (``model.model`` or a private copy); encoder: the SDClipModel
-    (``clip_l`` / ``clip_h``); tokenizer: its SDTokenizer; token_key: "l" / "h"; embedding_key:
-    "clip_l" / "clip_h" (the key of the saved file); precision: "fp32" / "bf16" / "fp16", the compute
-    dtype of both; autocast_dtype: the autocast dtype of the forward passes (None for fp32); copied:
-    whether private copies are used.
+    base_model: ComfyUI BaseModel (``model.model`` or a private copy); parts: the text encoders the vectors
+    feed (``text_encoders``: CLIP-L for SD1.x, OpenCLIP-H for SD2.x, CLIP-L then CLIP-G for SDXL; the
+    trained vectors are their widths side by side, (N, 768 + 1280) on SDXL); precision: "fp32" / "bf16" /
+    "fp16", the compute dtype of all; autocast_dtype: the autocast dtype of the forward passes (None for
+    fp32); copied: whether private copies are used. ``encoder``, ``tokenizer`` and ``token_key`` are the
+    first part's; ``embedding_key`` joins the parts' file keys ("clip_l", "clip_h", "clip_l+clip_g").
     """
 
     base_model: torch.nn.Module
-    encoder: torch.nn.Module
-    tokenizer: object
-    token_key: str
-    embedding_key: str
+    parts: tuple
     device: torch.device
     autocast_dtype: Optional[torch.dtype]
     copied: bool
@@ -69,8 +88,24 @@ class TrainingModules:
         return self.base_model.model_sampling
 
     @property
+    def encoder(self) -> torch.nn.Module:
+        return self.parts[0].encoder
+
+    @property
+    def tokenizer(self):
+        return self.parts[0].tokenizer
+
+    @property
+    def token_key(self) -> str:
+        return self.parts[0].token_key
+
+    @property
+    def embedding_key(self) -> str:
+        return "+".join(part.embedding_key for part in self.parts)
+
+    @property
     def width(self) -> int:
-        return int(self.tokenizer.embedding_size)
+        return sum(part.width for part in self.parts)
 
     @property
     def loss_scale(self) -> Optional[LossScale]:
@@ -78,21 +113,45 @@ class TrainingModules:
         return LossScale() if self.precision == "fp16" else None
 
 
-def single_text_encoder(clip):
-    """(token key, SDClipModel, SDTokenizer) of a CLIP with exactly one text encoder (SD1.x, SD2.x)."""
+def text_encoders(clip) -> tuple:
+    """The ``EncoderPart``s of a CLIP the trainer can learn vectors for: one (SD1.x CLIP-L, SD2.x OpenCLIP-H), or
+    CLIP-L then CLIP-G (SDXL: the order ComfyUI's SDXLClipModel concatenates their outputs in)."""
     if clip is None:
         raise TrainingSetupError("No CLIP given: the checkpoint has no text encoder; load one with CLIPLoader.")
     keys = list(clip.tokenize("").keys())
-    if len(keys) != 1:
+    if sorted(keys) == ["g", "l"]:
+        keys = ["l", "g"]
+    elif len(keys) != 1:
         raise TrainingSetupError(
-            f"This CLIP has {len(keys)} text encoders ({', '.join(keys)}); the trainer supports single-encoder "
-            "models (SD1.x CLIP-L, SD2.x OpenCLIP-H). SDXL training is not implemented.")
-    key = keys[0]
-    encoder = getattr(clip.cond_stage_model, f"clip_{key}", None)
-    tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
-    if encoder is None or tokenizer is None or not hasattr(tokenizer, "embedding_key"):
-        raise TrainingSetupError(f"The '{key}' text encoder of this CLIP does not accept textual-inversion vectors.")
-    return key, encoder, tokenizer
+            f"This CLIP has {len(keys)} text encoders ({', '.join(keys)}); the trainer supports SD1.x (CLIP-L), "
+            "SD2.x (OpenCLIP-H) and SDXL (CLIP-L + CLIP-G).")
+    parts = []
+    for key in keys:
+        encoder = getattr(clip.cond_stage_model, f"clip_{key}", None)
+        tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
+        if encoder is None or tokenizer is None or not hasattr(tokenizer, "embedding_key"):
+            raise TrainingSetupError(f"The '{key}' text encoder of this CLIP does not accept textual-inversion vectors.")
+        parts.append(EncoderPart(token_key=key, encoder=encoder, tokenizer=tokenizer))
+    return tuple(parts)
+
+
+def single_text_encoder(clip):
+    """(token key, SDClipModel, SDTokenizer) of a CLIP with exactly one text encoder (SD1.x, SD2.x)."""
+    parts = text_encoders(clip)
+    if len(parts) != 1:
+        raise TrainingSetupError(
+            f"This CLIP has {len(parts)} text encoders ({', '.join(p.token_key for p in parts)}); this step supports "
+            "single-encoder models (SD1.x CLIP-L, SD2.x OpenCLIP-H).")
+    return parts[0].token_key, parts[0].encoder, parts[0].tokenizer
+
+
+def split_vectors(parts: Sequence[EncoderPart], vectors: torch.Tensor) -> dict:
+    """{file key: (N, D_i)} of trained vectors (N, sum D_i): what the embedding file stores (SDXL: clip_l, clip_g)."""
+    if vectors.shape[-1] != sum(part.width for part in parts):
+        raise TrainingSetupError(f"vectors of width {vectors.shape[-1]} do not fit text encoders of widths "
+                                 f"{', '.join(str(part.width) for part in parts)}")
+    chunks = vectors.split([part.width for part in parts], dim=-1)
+    return {part.embedding_key: chunk for part, chunk in zip(parts, chunks)}
 
 
 OUTPUT_CHECK_PROMPT = "a photo of a person"
@@ -237,7 +296,7 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
     """
     if copy_weights not in ("auto", "always", "never"):
         raise ValueError(f"copy_weights must be auto, always or never, not {copy_weights!r}")
-    token_key, encoder, tokenizer = single_text_encoder(clip)
+    parts = text_encoders(clip)
     check_text_encoder_output(clip)
     restore: list[Callable[[], None]] = []
     with torch.inference_mode(False), torch.enable_grad():
@@ -247,23 +306,25 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
         precision = training_precision(precision, device)
         dtype = PRECISION_DTYPES[precision]
         inference_copy = copy_weights == "always" or (
-            copy_weights == "auto" and (_has_inference_tensors(base_model) or _has_inference_tensors(encoder)))
+            copy_weights == "auto" and (_has_inference_tensors(base_model)
+                                        or any(_has_inference_tensors(part.encoder) for part in parts)))
         copy_unet = (inference_copy or unet_compute_dtype(base_model) != dtype
                      or _holds_other_dtype(base_model.diffusion_model, dtype))
-        copy_encoder = inference_copy or _holds_other_dtype(encoder, dtype)
-        needs_copy = copy_unet or copy_encoder
+        copy_encoders = [inference_copy or _holds_other_dtype(part.encoder, dtype) for part in parts]
+        needs_copy = copy_unet or any(copy_encoders)
         if copy_unet:
             base_model = unet_copy(base_model, dtype)
-        if copy_encoder:
-            encoder = trainable_copy(encoder, dtype=dtype)
-        if needs_copy and (_has_inference_tensors(base_model) or _has_inference_tensors(encoder)):
+        parts = tuple(EncoderPart(part.token_key, trainable_copy(part.encoder, dtype=dtype), part.tokenizer)
+                      if copy else part for part, copy in zip(parts, copy_encoders))
+        encoders = [part.encoder for part in parts]
+        if needs_copy and any(_has_inference_tensors(module) for module in [base_model, *encoders]):
             raise TrainingSetupError("Could not make trainable copies of the model weights (still inference tensors).")
         try:
-            for module in (base_model, encoder):
+            for module in (base_model, *encoders):
                 flags = [(p, p.requires_grad) for p in module.parameters()]
                 restore.append(lambda flags=flags: [p.requires_grad_(f) for p, f in flags])
                 module.requires_grad_(False)
-            for layer in encoder.modules():
+            for layer in (layer for encoder in encoders for layer in encoder.modules()):
                 if type(layer).__name__ == "CLIPLayer":
                     layer.forward = types.MethodType(_out_of_place_clip_layer_forward, layer)
                     restore.append(lambda layer=layer: layer.__dict__.pop("forward", None))
@@ -271,20 +332,20 @@ def training_modules(model, clip, copy_weights: str = "auto", gradient_checkpoin
                 for unit in checkpoint_units(base_model.diffusion_model):
                     unit.forward = _checkpointed(unit.forward)
                     restore.append(lambda unit=unit: unit.__dict__.pop("forward", None))
-            encoder.reset_clip_options()
-            restore.append(encoder.reset_clip_options)
-            if clip.layer_idx is not None:  # CLIPSetLastLayer (clip skip), as CLIP.encode_from_tokens applies it
-                encoder.set_clip_options({"layer": clip.layer_idx})
+            for encoder in encoders:
+                encoder.reset_clip_options()
+                restore.append(encoder.reset_clip_options)
+                if clip.layer_idx is not None:  # CLIPSetLastLayer (clip skip), as CLIP.encode_from_tokens applies it
+                    encoder.set_clip_options({"layer": clip.layer_idx})
             with tf32_mode(cudnn=False, matmul=False) if dtype == torch.float32 else contextlib.nullcontext():
-                yield TrainingModules(base_model=base_model, encoder=encoder, tokenizer=tokenizer,
-                                      token_key=token_key, embedding_key=tokenizer.embedding_key, device=device,
+                yield TrainingModules(base_model=base_model, parts=parts, device=device,
                                       autocast_dtype=None if dtype == torch.float32 else dtype, copied=needs_copy,
                                       precision=precision)
         finally:
             for undo in reversed(restore):
                 undo()
             if needs_copy:
-                del base_model, encoder
+                del base_model, encoders, parts
                 comfy.model_management.soft_empty_cache()
 
 
@@ -322,23 +383,54 @@ def prompt_row(prompt: PromptTokens, vectors: torch.Tensor, tokenizer) -> list:
     return row + [tokenizer.pad_token] * (tokenizer.max_length - used)
 
 
+def encode_vectors_pooled(modules: TrainingModules, prompts: Sequence[PromptTokens],
+                          vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable text conditioning (B, 77, D) and pooled output for one prompt per batch item.
+
+    Each text encoder reads its own slice of the vectors; SDXL's conditioning is CLIP-L's and CLIP-G's penultimate
+    states side by side and its pooled output CLIP-G's projected one, as ComfyUI's SDXLClipModel encodes them."""
+    contexts, pooled = [], None
+    for part, chunk in zip(modules.parts, split_vectors(modules.parts, vectors).values()):
+        context, pooled = part.encoder([prompt_row(p, chunk, part.tokenizer) for p in prompts])
+        contexts.append(context)
+    return torch.cat(contexts, dim=-1), pooled
+
+
 def encode_vectors(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor) -> torch.Tensor:
     """Differentiable text conditioning (B, 77, D) for one prompt per batch item, float32."""
-    rows = [prompt_row(p, vectors, modules.tokenizer) for p in prompts]
-    context, _pooled = modules.encoder(rows)
-    return context
+    return encode_vectors_pooled(modules, prompts, vectors)[0]
+
+
+def model_conds(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor,
+                x: torch.Tensor) -> dict:
+    """The conditioning keyword arguments of ``apply_model`` for latents ``x``: ``c_crossattn``, and on SDXL the ADM
+    vector ``y`` from the pooled output and the size conditioning ComfyUI gives a CLIPTextEncode prompt at sampling
+    time (original and target size = the latent size x 8, crop 0)."""
+    context, pooled = encode_vectors_pooled(modules, prompts, vectors)
+    if not modules.base_model.adm_channels:
+        return {"c_crossattn": context}
+    if not isinstance(modules.base_model, comfy.model_base.SDXL):
+        raise TrainingSetupError(
+            f"This model ({type(modules.base_model).__name__}) needs extra conditioning (ADM) that the trainer does not "
+            "build; it supports SD1.x, SD2.x and SDXL base models (not unCLIP or the SDXL refiner).")
+    height, width = x.shape[-2] * 8, x.shape[-1] * 8
+    y = modules.base_model.encode_adm(pooled_output=pooled, width=width, height=height)
+    return {"c_crossattn": context, "y": y.to(context.device)}
 
 
 def init_vectors_from_word(modules: TrainingModules, word: str, num_vectors: int) -> torch.Tensor:
-    """(N, D) float32 start vectors: the word's token embeddings, cycled to N (averaged when N = 1)."""
+    """(N, D) float32 start vectors: the word's token embeddings, cycled to N (averaged when N = 1); on SDXL
+    each text encoder's own embeddings of the word, side by side."""
     ids = list(modules.tokenizer.tokenizer(word)["input_ids"][1:-1]) if word.strip() else []
     if not ids:
         raise TrainingSetupError(f"Initialiser word {word!r} has no tokens; give a word such as 'person'")
-    table = modules.encoder.transformer.get_input_embeddings().weight
-    rows = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
-    if num_vectors == 1:
-        return rows.mean(dim=0, keepdim=True)
-    return rows[torch.arange(num_vectors) % len(ids)].clone()
+    starts = []
+    for part in modules.parts:
+        table = part.encoder.transformer.get_input_embeddings().weight
+        rows = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
+        starts.append(rows.mean(dim=0, keepdim=True) if num_vectors == 1
+                      else rows[torch.arange(num_vectors) % len(ids)].clone())
+    return torch.cat(starts, dim=-1)
 
 
 # --------------------------------------------------------------------------- data and loss
@@ -387,16 +479,32 @@ def latent_batch_sampler(latents: torch.Tensor, model_sampling, prompt_choices: 
     return sample
 
 
+def target_scale(model_sampling, sigma: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, 1, 1, 1) factor turning the eps error into the error of the network's own output, or None (eps models).
+
+    V_PREDICTION (and EDM) give x0 = c_skip x - c_out v with c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    so with x_t = x0 + sigma eps fixed, v_theta - v = (eps_theta - eps) sqrt(sigma^2 + sigma_data^2) / sigma_data."""
+    if not isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return None
+    sigma_data = float(model_sampling.sigma_data)
+    return ((sigma.float() ** 2 + sigma_data ** 2).sqrt() / sigma_data).view(-1, 1, 1, 1)
+
+
 def denoising_loss_on_batch(modules: TrainingModules, prompts: Sequence[PromptTokens], vectors: torch.Tensor,
                             batch: TrainingBatch) -> torch.Tensor:
-    """|| eps - eps_theta(x_t, c(vectors), t) ||^2 for one batch, differentiable in ``vectors``."""
+    """|| eps - eps_theta(x_t, c(vectors), t) ||^2 for one batch, differentiable in ``vectors``; on a
+    v-prediction model || v - v_theta ||^2 (``target_scale``)."""
     device = modules.device
     x0, noise, sigma = batch.x0.to(device), batch.noise.to(device), batch.sigma.to(device)
     x_t = modules.model_sampling.noise_scaling(sigma, noise, x0)
     with torch.autocast(device.type, dtype=modules.autocast_dtype, enabled=modules.autocast_dtype is not None):
-        context = encode_vectors(modules, [prompts[i] for i in batch.prompts], vectors.to(device))
-        denoised = modules.base_model.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
-    return denoising_loss(eps_from_denoised(x_t, denoised.float(), sigma), noise)
+        conds = model_conds(modules, [prompts[i] for i in batch.prompts], vectors.to(device), x_t)
+        denoised = modules.base_model.apply_model(x_t, sigma, **conds, transformer_options={})
+    eps_pred = eps_from_denoised(x_t, denoised.float(), sigma)
+    scale = target_scale(modules.model_sampling, sigma)
+    if scale is None:
+        return denoising_loss(eps_pred, noise)
+    return denoising_loss(eps_pred * scale, noise.float() * scale)
 
 
 def make_loss_fn(modules: TrainingModules, prompts: Sequence[PromptTokens],

@@ -16,6 +16,9 @@ from ..safree import (SVF_PRESETS, PromptChunk, filter_end_percent, filtered_ste
 from .clip import chunk_spec, encoder_tokenizers, implicit_negative_tokens
 
 CONCEPT_NEGATIVE_MODES = ("concept", "empty")
+# What a connected implicit negative does to the keywords. replace: C* is the whole concept (subspace and CFG
+# negative), as the paper runs SAFREE + C*; add: C* is one more direction next to the keywords.
+IMPLICIT_NEGATIVE_USES = ("replace", "add")
 MARK = "safree"  # conditioning option: {"original": Tensor, "filtered": bool}, read by the re-attention wrapper
 MASK_TOKEN = 0  # SAFREE replaces a token by id 0 to encode the prompt without it
 
@@ -65,6 +68,14 @@ def pooled_outputs(clip, key: str, rows: list) -> torch.Tensor:
     if pooled is None:
         raise SafreeConfigError("This CLIP returns no pooled output, which SAFREE's concept subspace is built from.")
     return pooled.float().cpu()
+
+
+def concept_keywords_used(keywords: list[str], implicit_negative, use: str) -> list[str]:
+    """The keywords that span the concept: none when a connected implicit negative replaces them."""
+    if use not in IMPLICIT_NEGATIVE_USES:
+        raise SafreeConfigError(f"implicit_negative_use must be one of {', '.join(IMPLICIT_NEGATIVE_USES)}, "
+                                f"got {use!r}")
+    return [] if implicit_negative is not None and use == "replace" else keywords
 
 
 def concept_rows(clip, key: str, keywords: list[str], implicit_negative) -> list:
@@ -126,28 +137,35 @@ def token_labels(tokenizer, chunks: list, spec) -> list[str]:
 
 
 def encode_concept_negative(clip, keywords: list[str], implicit_negative, mode: str):
-    """SAFREE's CFG negative prompt: the joined keywords, plus the implicit negative's vectors when given."""
+    """SAFREE's CFG negative prompt, ``", ".join(concept)`` as generate_safree.py builds it: the keywords, then
+    the implicit negative's vectors when given (``"k1, k2, embedding:NAME"``)."""
     if mode == "empty":
         return clip.encode_from_tokens_scheduled(clip.tokenize(""))
     text = ", ".join(keywords)
     if implicit_negative is None:
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    mode = "in_text_chunk" if text else "embedding_only"
-    return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, implicit_negative, text, mode))
+    if not text:
+        return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, implicit_negative, "", "embedding_only"))
+    return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, implicit_negative, text + ",",
+                                                                      "in_text_chunk"))
 
 
 def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, self_validating_filter: bool,
                          up_t: int, svf_preset: str, schedule_steps: int, concept_negative: str,
-                         implicit_negative=None) -> tuple[list, list, str]:
+                         implicit_negative=None, implicit_negative_use: str = "replace") -> tuple[list, list, str]:
     """(positive, negative, report) of SafreeConditioning: the filtered prompt for the self-validating filter's
-    steps and the original afterwards; the concept (or empty) negative; a readable report."""
+    steps and the original afterwards; the concept (or empty) negative; a readable report.
+
+    implicit_negative_use ("replace" / "add", see IMPLICIT_NEGATIVE_USES) matters only with an implicit
+    negative: replace drops the keywords from the concept and from the negative."""
     if concept_negative not in CONCEPT_NEGATIVE_MODES:
         raise SafreeConfigError(f"concept_negative must be one of {', '.join(CONCEPT_NEGATIVE_MODES)}, "
                                 f"got {concept_negative!r}")
     if svf_preset not in SVF_PRESETS:
         raise SafreeConfigError(f"svf_preset must be one of {', '.join(SVF_PRESETS)}, got {svf_preset!r}")
     key, tokenizer = single_encoder(clip)
-    keywords = parse_keywords(concept_keywords)
+    written = parse_keywords(concept_keywords)
+    keywords = concept_keywords_used(written, implicit_negative, implicit_negative_use)
     tokens = clip.tokenize(prompt)
     spec = chunk_spec(tokenizer)
     vectors, chunks = concept_and_prompt_pooled(clip, key, keywords, implicit_negative, tokens[key], spec)
@@ -181,8 +199,13 @@ def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, 
                  else "all steps (self-validating filter off)")
         report.append(f"flagged {len(flagged_rows)} of {sum(c.token_rows.numel() for c in chunks)} tokens: "
                       f"{names}; beta {result.beta:.4f}; filtered prompt for {steps}")
-    concept = f"concept: {len(keywords)} keyword(s)" + (
-        f" + implicit negative '{implicit_negative.name}'" if implicit_negative is not None else "")
+    if implicit_negative is None:
+        concept = f"concept: {len(keywords)} keyword(s)"
+    elif implicit_negative_use == "replace":
+        concept = f"concept: implicit negative '{implicit_negative.name}' alone (replace" + (
+            f"; the {len(written)} keyword(s) are not used)" if written else ")")
+    else:
+        concept = f"concept: {len(keywords)} keyword(s) + implicit negative '{implicit_negative.name}' (add)"
     negative = encode_concept_negative(clip, keywords, implicit_negative, concept_negative)
     return positive, negative, "SAFREE " + "; ".join(report) + f"; {concept}"
 

@@ -8,7 +8,11 @@ other guidance patches such as RescaleCFG, SAG, PAG) that
     through the calc_cond_batch slot (as diffusers does), or as one extra ``calc_cond_batch`` pass when
     asked to or when another patch holds that slot;
   * computes γ with the core, advances the momentum once per sampler step (Heun, DPM++ 2S call the
-    model several times per step), and returns ``x0_cfg + s·σ·γ`` (⇔ ``ε_cfg − s·γ``) after warm-up.
+    model several times per step), and returns ``x0_cfg + s·σ·γ`` (⇔ ``ε_cfg − s·γ``) after warm-up;
+  * stays out of the way when CFG is off (cfg <= 1), as diffusers does: no safety pass, plain output.
+
+On both paths the safety pass is presented to the model as "uncond" (``transformer_options
+["cond_or_uncond"]`` entry 1), so attention patches that branch on it treat it like a negative prompt.
 
 State (the momentum) lives for one sampling run: it is reset by an OUTER_SAMPLE wrapper at the start
 of every run and, as a second guard, whenever the schedule tensor or the latent shape changes.
@@ -17,6 +21,7 @@ of every run and, as a second guard, whenever the schedule tensor or the latent 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +36,7 @@ from ..sld import (REFERENCE_STEPS, SLDParams, StepMomentum, sampler_step_index,
                    warmup_steps_from_fraction)
 
 WRAPPER_KEY = "implicit_negatives.safe_latent_guidance"
+UNCOND = 1  # ComfyUI's cond_or_uncond value of the negative ("uncond") branch
 
 # Conditioning options that only ComfyUI's process_conds() resolves (areas, masks, ControlNet, GLIGEN, hooks,
 # timestep ranges). A model patch evaluates the safety concept without process_conds, so it refuses them
@@ -135,6 +141,32 @@ def same_text_embeddings(a: list, b: list) -> bool:
     return True
 
 
+def cfg_is_off(cfg_scale: float) -> bool:
+    """diffusers runs SLD only with classifier-free guidance (``guidance_scale > 1``); ComfyUI also drops the
+    uncond branch at cfg == 1 (its cfg1 optimisation). Either way there is no CFG direction to correct."""
+    return cfg_scale <= 1.0 or math.isclose(cfg_scale, 1.0)
+
+
+def present_as_uncond(index: int, inner=None):
+    """A ``model_function_wrapper`` that reports batch entry ``index`` (the safety concept) as uncond.
+
+    ComfyUI sets ``cond_or_uncond`` to each cond's list index, so the safety concept batched third would
+    read 2, which attention patches (SAG, regional and IP-adapter style patches) do not expect. Only the
+    copies handed to the model change: ComfyUI routes the outputs by its own list. ``inner``: a wrapper
+    the model already has, called with the relabelled arguments."""
+
+    def wrapper(apply_model, args: dict):
+        kinds = [UNCOND if kind == index else kind for kind in args["cond_or_uncond"]]
+        c = dict(args["c"])
+        c["transformer_options"] = {**c.get("transformer_options", {}), "cond_or_uncond": kinds}
+        relabelled = {**args, "c": c, "cond_or_uncond": kinds}
+        if inner is not None:
+            return inner(apply_model, relabelled)
+        return apply_model(relabelled["input"], relabelled["timestep"], **relabelled["c"])
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Warmup:
     """Warm-up δ either in sampler steps, or as a fraction of the run's steps."""
@@ -185,6 +217,8 @@ class SafeLatentGuidancePatch:
         self.batched = False              # whether install() took the calc_cond_batch slot
         self.run: SamplingRun | None = None
         self.last_run: SamplingRun | None = None
+        self.cfg_off = False              # this run's guider has cfg <= 1: SLD is off for the whole run
+        self._warned_cfg_off = False
         self._warned_missing_stash = False
 
     def __deepcopy__(self, memo):
@@ -204,7 +238,7 @@ class SafeLatentGuidancePatch:
                          "evaluated in a separate pass instead (same result, one more model call per step).")
             self.batched = False
         patched = model.clone()
-        patched.set_model_sampler_post_cfg_function(self.post_cfg, disable_cfg1_optimization=True)
+        patched.set_model_sampler_post_cfg_function(self.post_cfg)
         if self.batched:
             patched.set_model_sampler_calc_cond_batch_function(self.calc_cond_batch)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
@@ -214,7 +248,19 @@ class SafeLatentGuidancePatch:
 
     def outer_sample(self, executor, *args, **kwargs):
         self.run = None  # a new sampling run: fresh momentum
+        self._warned_cfg_off = False
+        cfg = getattr(executor.class_obj, "cfg", None)  # CFGGuider's scale; other guiders are checked per call
+        self.cfg_off = isinstance(cfg, (int, float)) and cfg_is_off(float(cfg))
+        if self.cfg_off:
+            self.warn_cfg_off(float(cfg))
         return executor(*args, **kwargs)
+
+    def warn_cfg_off(self, cfg_scale: float) -> None:
+        if not self._warned_cfg_off:
+            logging.warning("SafeLatentGuidance: cfg %g <= 1 turns classifier-free guidance off, and with it safety "
+                            "guidance (as in diffusers); this run samples without SLD. Use cfg > 1 (diffusers: 7.5).",
+                            cfg_scale)
+            self._warned_cfg_off = True
 
     def run_for(self, model_options: dict, x: torch.Tensor) -> SamplingRun:
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -241,9 +287,13 @@ class SafeLatentGuidancePatch:
     def calc_cond_batch(self, args: dict) -> list:
         """Fast path: uncond, cond and safety in one batched model call (as diffusers does)."""
         x, sigma, model, model_options = args["input"], args["sigma"], args["model"], args["model_options"]
+        if self.cfg_off or args["conds"][1] is None:  # CFG off (cfg1 optimisation: no uncond): plain evaluation
+            return comfy.samplers.calc_cond_batch(model, args["conds"], x, sigma, model_options)
         run = self.run_for(model_options, x)
         conds = list(args["conds"]) + [self.encoded_safety(run, model, x)]
-        out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+        options = {**model_options,
+                   "model_function_wrapper": present_as_uncond(2, model_options.get("model_function_wrapper"))}
+        out = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)
         run.stash = (x, sigma, out[2])
         return out[:2]
 
@@ -266,6 +316,10 @@ class SafeLatentGuidancePatch:
     def post_cfg(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         if not sld_enabled(self.params):
+            return denoised
+        cfg_scale = args.get("cond_scale", 1.0)
+        if self.cfg_off or cfg_is_off(cfg_scale):
+            self.warn_cfg_off(cfg_scale)
             return denoised
         if args.get("uncond") is None:
             raise SafeLatentGuidanceError(
@@ -300,6 +354,5 @@ class SafeLatentGuidancePatch:
         if step < run.warmup_steps:
             return denoised
         run.guided_evaluations += 1
-        cfg_scale = args.get("cond_scale", 1.0)
         shift = cfg_scale * sigma32.reshape(-1, *([1] * (x.ndim - 1))) * gamma  # ε_out = ε_cfg − s·γ
         return denoised + shift.to(denoised.dtype)

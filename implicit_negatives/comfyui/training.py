@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import __version__
+from ..leakage import training_data_metadata
 from ..inversion import CAPTION_TEMPLATES, InversionConfig, InversionProgress, invert_concept, norm_warning
 from ..loss_scale import LossScale
 from . import inversion as ci
@@ -40,7 +41,8 @@ def check_settings(steps: int, learning_rate: float) -> None:
 
 @dataclass
 class TrainedEmbedding:
-    """vectors: (N, D) float32 on the CPU; losses: one per step; embedding_key: "clip_l" / "clip_h";
+    """vectors: (N, D) float32 on the CPU (SDXL: CLIP-L's and CLIP-G's side by side, D = 768 + 1280); losses: one
+    per step; embedding_key: "clip_l" / "clip_h" / "clip_l+clip_g"; file_vectors: what the file stores, {key: (N, D_i)};
     state: the resume state at the end; precision: "fp32" / "bf16" / "fp16", what it was trained in;
     loss_scale: the final loss scaling state (fp16), else None; warning: "" or why the vectors look broken
     (``norm_warning``)."""
@@ -52,6 +54,7 @@ class TrainedEmbedding:
     precision: str
     loss_scale: Optional[LossScale]
     warning: str = ""
+    file_vectors: dict = field(default_factory=dict)
 
 
 def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optional[str]], config: InversionConfig,
@@ -79,15 +82,19 @@ def train_embedding(model, clip, latents: torch.Tensor, captions: Sequence[Optio
         init = ci.init_vectors_from_word(modules, init_word, config.num_vectors)
         result = invert_concept(ci.make_loss_fn(modules, prompts, sampler), init, config, on_step=on_step, state=state,
                                 loss_scale=modules.loss_scale)
-        warning = norm_warning(result.vectors, modules.encoder.transformer.get_input_embeddings().weight)
+        file_vectors = ci.split_vectors(modules.parts, result.vectors.cpu())
+        warning = " ".join(filter(None, (norm_warning(file_vectors[part.embedding_key],
+                                                      part.encoder.transformer.get_input_embeddings().weight)
+                                         for part in modules.parts)))
         return TrainedEmbedding(vectors=result.vectors.cpu(), losses=result.losses,
                                 embedding_key=modules.embedding_key, state=result.state,
-                                precision=modules.precision, loss_scale=result.loss_scale, warning=warning)
+                                precision=modules.precision, loss_scale=result.loss_scale, warning=warning,
+                                file_vectors=file_vectors)
 
 
 def embedding_key(clip) -> str:
-    """The key this CLIP's vectors are saved under: "clip_l" (SD1.x) or "clip_h" (SD2.x)."""
-    return ci.single_text_encoder(clip)[2].embedding_key
+    """The key(s) this CLIP's vectors are saved under: "clip_l" (SD1.x), "clip_h" (SD2.x), "clip_l+clip_g" (SDXL)."""
+    return "+".join(part.embedding_key for part in ci.text_encoders(clip))
 
 
 @dataclass
@@ -101,6 +108,9 @@ class RunSources:
     trained_in: str
     base_model_hash: str = ""
     unlearned_model_hash: str = ""
+    generation_prompts: Optional[list] = None  # the prompts that made the training images; None: unknown
+    prompt_source: str = ""                    # where they are known from ("generated", "prompts file", ...)
+    image_sha256s: tuple = ()                  # sha256 of each training image (file bytes or pixels)
 
 
 def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, init_word: str, templates: str,
@@ -116,6 +126,8 @@ def run_metadata(model, clip, sources: RunSources, config: InversionConfig, *, i
         "text_encoder_fingerprint": clip_fingerprint(clip) or "",
         "model_fingerprint": model_fingerprint(model) or "",
         "precision": precision,
+        **training_data_metadata(sources.generation_prompts, sources.prompt_source, sources.image_sha256s),
+        "caption_templates": json.dumps(list(CAPTION_TEMPLATES[templates])),  # the contexts C* was learned in
         "training": json.dumps({
             "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
             "resolution": resolution, "templates": templates, "data": sources.data, "images": num_images,

@@ -22,10 +22,12 @@ def preview_image(model, clip, vae, vectors: torch.Tensor, prompt: str, steps: i
     """(1, resolution, resolution, 3) pixels in [0, 1], as VAEDecode returns them: ``model`` sampled with
     ``prompt`` ("{}" = ``vectors``, (N, D)) as the positive prompt and an empty negative."""
     import comfy.sample
-    token_key, _, tokenizer = ci.single_text_encoder(clip)
-    row = ci.prompt_row(ci.tokenize_caption(tokenizer, prompt, vectors.shape[0]), vectors.detach().float(), tokenizer)
+    parts = ci.text_encoders(clip)  # one encoder (SD1.x, SD2.x) or CLIP-L + CLIP-G (SDXL), each with its share
+    caption = ci.tokenize_caption(parts[0].tokenizer, prompt, vectors.shape[0])
+    tokens = {part.token_key: [[(t, 1.0) for t in ci.prompt_row(caption, chunk, part.tokenizer)]]
+              for part, chunk in zip(parts, ci.split_vectors(parts, vectors.detach().float()).values())}
     with torch.no_grad():
-        positive = clip.encode_from_tokens_scheduled({token_key: [[(t, 1.0) for t in row]]})
+        positive = clip.encode_from_tokens_scheduled(tokens)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 7.5, "euler", "normal",
