@@ -373,7 +373,12 @@ def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when
     assert "records no training prompts" in runner.leakage_findings(unknown, *runner.check_run_inputs(engine, unknown))[0]
     (tmp_path / "strict.toml").write_text((tmp_path / "leaky.toml").read_text().replace("steps = 2", "steps = 2\nstrict = true"))
     out = tmp_path / "strict-run"
-    assert ev("cli").main(["run", str(tmp_path / "strict.toml"), "--out", str(out)]) == 2
+    import folder_paths
+    before = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    code = ev("cli").main(["run", str(tmp_path / "strict.toml"), "--out", str(out)])
+    folder_paths.set_output_directory(before[0])  # the command line points ComfyUI at its run folder: undo it
+    folder_paths.set_temp_directory(before[1])
+    assert code == 2
     error = capsys.readouterr().err
     assert "strict = true and 1 leakage finding(s), nothing generated" in error and "2 of 4" in error
     assert not (out / "run.json").exists() and not (out / "images").exists()  # refused before the run, let alone an image
