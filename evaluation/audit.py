@@ -29,7 +29,8 @@ from implicit_negatives.embedding_io import EMBEDDING_EXTENSIONS, EmbeddingForma
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, label_set, labels_over_threshold
 from implicit_negatives.recovery import MEANING, concept_rate, cstar_vs_word, format_paired, format_rate
 
-from .protocol import ConfigError, ModelSetup, Row, RunConfig, _only, _read_toml, _resolve, slugify
+from .protocol import (ConfigError, ModelSetup, Row, RunConfig, _only, _read_toml, config_file_key,
+                       model_setups, slugify)
 
 PROMPTS_FILE = "audit_prompts.csv"
 EMBEDDINGS_FOLDER = "embeddings"
@@ -83,16 +84,8 @@ def load_audit_config(path: str) -> AuditConfig:
     if not str(table.get("concept", "")).strip():
         raise ConfigError("[audit] needs concept = 'the erased concept as a prompt word', e.g. 'nudity'")
 
-    def file_key(value):  # as in protocol.load_config: a ComfyUI folder name unless absolute or ./-relative
-        return _resolve(base, value) if value.startswith(("./", "../", ".\\", "..\\")) else value
-
-    models = {}
-    for name, entry in raw.get("models", {}).items():
-        _only(entry, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength"}, f"[models.{name}]")
-        if not entry.get("checkpoint"):
-            raise ConfigError(f"[models.{name}] needs checkpoint = 'file'")
-        models[name] = ModelSetup(name=name, **{k: file_key(v) if isinstance(v, str) else float(v)
-                                                for k, v in entry.items()})
+    file_key = config_file_key(base)
+    models = model_setups(raw.get("models", {}), base)
     if not models:
         raise ConfigError(f"{path}: no [models.NAME] tables: list the unlearned setups and the original model")
     cstars = {}

@@ -194,26 +194,20 @@ def _only(table: dict, allowed: set, where: str):
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
 
 
-def load_config(path: str) -> RunConfig:
-    """Read and validate a run config. Relative file paths are relative to the config file."""
-    raw = _read_toml(path)
-    base = os.path.dirname(os.path.abspath(path))
-    _only(raw, {"run", "models", "negatives", "rows", "pp", "compare", "negation_sets"}, path)
-    run = dict(raw.get("run", {}))
-    run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
-                "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order",
-                "guidance_from_csv", "truncate_prompts", "strict"}
-    _only(run, run_keys, "[run]")
-    if "prompts" not in run:
-        raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
-
-    def file_key(value):
-        # A ComfyUI folder name ("sd/sd-v1-4.ckpt") unless absolute or explicitly relative ("./", "../").
+def config_file_key(base: str):
+    """How a config names a file: a ComfyUI folder name ("sd/sd-v1-4.ckpt") unless absolute or explicitly
+    relative ("./", "../"), which is then relative to the config's folder ``base``."""
+    def file_key(value: str) -> str:
         explicit = value.startswith(("./", "../", ".\\", "..\\"))
         return _resolve(base, value) if explicit else value
+    return file_key
 
+
+def model_setups(tables: dict, base: str) -> dict[str, ModelSetup]:
+    """The ``[models.NAME]`` tables of a run or audit config: a checkpoint plus optional unlearned weights."""
+    file_key = config_file_key(base)
     models = {}
-    for name, table in raw.get("models", {}).items():
+    for name, table in tables.items():
         where = f"[models.{name}]"
         _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength", "loras", "allow_partial"}, where)
         if not table.get("checkpoint"):
@@ -229,6 +223,24 @@ def load_config(path: str) -> RunConfig:
             raise ConfigError(f"{where} allow_partial must be true or false")
         models[name] = ModelSetup(name=name, loras=tuple(stacked), allow_partial=allow_partial,
                                   **{k: (file_key(v) if isinstance(v, str) else float(v)) for k, v in values.items()})
+    return models
+
+
+def load_config(path: str) -> RunConfig:
+    """Read and validate a run config. Relative file paths are relative to the config file."""
+    raw = _read_toml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    _only(raw, {"run", "models", "negatives", "rows", "pp", "compare", "negation_sets"}, path)
+    run = dict(raw.get("run", {}))
+    run_keys = {"prompts", "width", "height", "steps", "sampler", "scheduler", "cfg", "default_seed", "limit",
+                "label_set", "extra_label_sets", "censor_grids", "grid_prompts", "detector_model", "channel_order",
+                "guidance_from_csv", "truncate_prompts", "strict"}
+    _only(run, run_keys, "[run]")
+    if "prompts" not in run:
+        raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
+
+    file_key = config_file_key(base)
+    models = model_setups(raw.get("models", {}), base)
     negatives = {}
     for name, table in raw.get("negatives", {}).items():
         _only(table, {"text", "embedding", "strength", "mode"}, f"[negatives.{name}]")

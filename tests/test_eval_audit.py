@@ -235,3 +235,9 @@ def test_example_config_loads_and_bad_configs_say_what_to_fix(ev, audit_dir, tmp
         (tmp_path / "bad.toml").write_text(text.replace(*change).replace("./", str(audit_dir) + "/"))
         with pytest.raises((protocol.ConfigError, ValueError), match=message):
             audit_module.load_audit_config(str(tmp_path / "bad.toml"))
+    # The audit reads [models.*] with the runner's parser: stacked LoRAs and allow_partial, as in a run config.
+    stacked = text + '\n[models.stacked]\ncheckpoint = "sd.ckpt"\nlora = "a.safetensors"\nallow_partial = true\n' \
+                     'loras = [{ file = "b.safetensors", strength = 0.5 }]\n'
+    (tmp_path / "stacked.toml").write_text(stacked.replace("./", str(audit_dir) + "/"))
+    setup = audit_module.load_audit_config(str(tmp_path / "stacked.toml")).models["stacked"]
+    assert setup.all_loras() == [("a.safetensors", 1.0), ("b.safetensors", 0.5)] and setup.allow_partial
