@@ -176,7 +176,7 @@ class TrainImplicitNegative(io.ComfyNode):
                                                 io.FolderType.temp, cls, compress_level=1)
         if preview_every:
             summary += f"\nimages: loss curve; '{preview_prompt}' with the embedding as the positive prompt"
-            images += ui.ImageSaveHelper.save_images(torch.cat(previews + [preview(vectors)]),
+            images += ui.ImageSaveHelper.save_images(torch.cat(previews + [preview(trained.vectors)]),
                                                      "implicit_negative_preview", io.FolderType.temp, cls,
                                                      compress_level=1)
         return io.NodeOutput(negative, ui={"text": [summary], "images": images})
