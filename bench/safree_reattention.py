@@ -14,9 +14,7 @@ the medians and their ratio printed, with the time of SafreeConditioning (17 nud
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch

@@ -17,9 +17,8 @@ What changes from design 1 (README, "The paper in miniature"):
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
