@@ -44,9 +44,9 @@ SAFE_MIN_T = 800  # SGF's window: DDPM timesteps 1000 .. 800
 
 @dataclass(frozen=True)
 class Design2Config:
-    # A smaller UNet and budget than design 1's (channels 48/64, time 128, 4000 x 64): 2 shared CPU cores.
-    train: TrainConfig = TrainConfig(steps=2000, batch_size=48)
-    model: ModelConfig = ModelConfig(channels=(32, 32), time_dim=64, train_text_encoder=False, token_std=1.0)
+    # Design 1's UNet and training budget (pre-registration, amendment 3; worlds 3 and 4 had a smaller one).
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig = ModelConfig(train_text_encoder=False, token_std=1.0)
     world: world.WorldConfig = world.WorldConfig(p_harmful=0.2, p_context_given_benign=0.02)
     detector: DetectorConfig = DetectorConfig()
     uce_erase_scale: float = 1.0
