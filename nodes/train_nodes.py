@@ -156,7 +156,8 @@ class TrainImplicitNegative(io.ComfyNode):
                                   copy_weights="auto", gradient_checkpointing=gradient_checkpointing,
                                   precision=precision, on_step=on_step)
         sources = RunSources(base_model="ComfyUI graph MODEL", unlearned_model="ComfyUI graph MODEL",
-                             data=f"IMAGE batch ({latents.shape[0]} images)", trained_in="TrainImplicitNegative")
+                             data=f"IMAGE batch ({latents.shape[0]} images)", trained_in="TrainImplicitNegative",
+                             image_sha256s=tuple(digest for _, digest in pixel_hashes(fitted)))  # prompts: unknown
         run = run_metadata(model, clip, sources, config, init_word=init_word, templates=templates,
                            resolution=resolution, num_images=latents.shape[0], concept=concept,
                            precision=trained.precision)

@@ -100,7 +100,9 @@ def test_node_equals_cli_and_leaves_the_shared_model_untouched(comfy, pack, pack
     differ = {k for k in node_training if node_training[k] != cli_training[k]}
     assert differ == {"data", "trained_in"}, differ
     differ = {k for k in node_meta if node_meta[k] != cli_meta[k]}
-    assert differ <= {"base_model", "base_model_hash", "unlearned_model", "unlearned_model_hash", "created"}, differ
+    # training_images_sha256: the node hashes the IMAGE batch's pixels, the CLI the image files' bytes.
+    assert differ <= {"base_model", "base_model_hash", "unlearned_model", "unlearned_model_hash", "created",
+                      "training_images_sha256"}, differ
 
 
 def test_cancel_stops_training_without_output(comfy, pack, executor_model, concept_images, pack_module, embeddings_dir):
