@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    if args.design == 2:
-        return _design2(args, parser)
-    cfg = SMOKE if args.smoke else BenchConfig()
-    if args.seeds:
-        cfg = BenchConfig(**{**cfg.__dict__, "seeds": tuple(args.seeds)})
+    cfg = _config(args)
     cache = None if args.cache == "none" else (args.cache or os.path.join(args.out, "cache"))
     start = time.time()
 
@@ -70,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         if cache is None:
             parser.error("--train-only needs a cache folder")
-        load_or_train_world(cfg, cache, log=print, device=args.train_device)
+        load_or_train_world(cfg, cache, log=log, device=args.train_device)
         load_or_train_detector(cfg, cache)
         print(f"world model and detector in {cache} ({time.time() - start:.0f} s)")
         return 0
+    if args.design == 2:
+        return _design2(args, parser, cfg, cache, start, log)
     if args.sweep:
         from bench.toy_world.sweep import run_sweep, write_sweep
         sweep = run_sweep(cfg, cache, seed=(args.seeds or [0])[0], log=log)
@@ -94,30 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _design2(args, parser) -> int:
-    import json
+def _config(args):
+    """The design's configuration (smoke budgets with --smoke), with --seeds applied."""
     from dataclasses import replace
+
+    if args.design == 2:
+        from bench.toy_world import design2
+        cfg = design2.SMOKE2 if args.smoke else design2.Design2Config()
+    else:
+        cfg = SMOKE if args.smoke else BenchConfig()
+    return replace(cfg, seeds=tuple(args.seeds)) if args.seeds else cfg
+
+
+def _design2(args, parser, cfg, cache, start, log) -> int:
+    import json
 
     from bench.toy_world import design2, report2
 
     if args.sweep or args.report_only:
         parser.error("--sweep and --report-only are design 1 options")
-    cfg = design2.SMOKE2 if args.smoke else design2.Design2Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
-    cache = None if args.cache == "none" else (args.cache or os.path.join(args.out, "cache"))
-    start = time.time()
-
-    def log(message: str) -> None:
-        print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
-
-    if args.train_only:
-        if cache is None:
-            parser.error("--train-only needs a cache folder")
-        load_or_train_world(cfg, cache, log=log, device=args.train_device)
-        load_or_train_detector(cfg, cache)
-        print(f"world model and detector in {cache} ({time.time() - start:.0f} s)")
-        return 0
     if args.tune:
         rows = design2.tune(cfg, cache, json.loads(args.tune), log=log)
         os.makedirs(args.out, exist_ok=True)
