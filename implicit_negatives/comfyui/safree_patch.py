@@ -6,7 +6,9 @@ output-block patch). The math lives in ``implicit_negatives.safree``; the node s
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import comfy.model_base
 import comfy.patcher_extension
 import torch
 
@@ -32,24 +34,47 @@ def parse_keywords(text: str) -> list[str]:
     return [word.strip() for line in text.splitlines() for word in line.split(",") if word.strip()]
 
 
-def single_encoder(clip) -> tuple[str, object]:
+@dataclass(frozen=True)
+class FilteredEncoder:
+    """The text encoder SAFREE filters: its token key, tokenizer, its columns in the conditioning, and whether its
+    subspaces are spanned by the projected pooled output (SDXL's CLIP-G: the official SDXL pipeline reads
+    ``text_encoder_2``'s ``text_embeds``) or the unprojected one (SD1/SD2: ``CLIPTextModel.pooler_output``)."""
+
+    key: str
+    tokenizer: object
+    columns: slice
+    projected: bool
+
+
+def filtered_encoder(clip) -> FilteredEncoder:
+    """SD1.x/SD2.x: the one text encoder. SDXL: CLIP-G, whose columns follow CLIP-L's in ComfyUI's concatenated
+    conditioning [clip_l 768 | clip_g 1280]; the official SAFREE SDXL pipeline filters ``[..., 768:]`` only."""
     if clip is None:
         raise SafreeConfigError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader node "
                                 "your checkpoint does not contain a valid clip or text encoder model.")
-    tokenizers = encoder_tokenizers(clip)
-    if len(tokenizers) != 1:
+    keys = sorted(clip.tokenize("").keys())
+    if len(keys) == 1:
+        key, tokenizer = next(iter(encoder_tokenizers(clip).items()))
+        return FilteredEncoder(key, tokenizer, slice(None), projected=False)
+    if keys != ["g", "l"]:
+        missing = " (no clip_g)" if "g" not in keys else ""
         raise SafreeConfigError(
-            f"SAFREE Conditioning supports CLIPs with one text encoder (SD1.x, SD2.x); this one has "
-            f"{len(tokenizers)} ({', '.join(sorted(tokenizers))}), e.g. SDXL. Use SD1.x/SD2.x, or SLD / a negative "
-            "prompt for this model.")
-    return next(iter(tokenizers.items()))
+            f"SAFREE Conditioning supports CLIPs with one text encoder (SD1.x, SD2.x) and SDXL's clip_l + clip_g; "
+            f"this one has {len(keys)} ({', '.join(keys)}){missing}. Use an SD1.x/SD2.x/SDXL checkpoint's CLIP, or "
+            "SLD / a negative prompt for this model.")
+    tokenizers = encoder_tokenizers(clip)
+    width_l = tokenizers["l"].embedding_size
+    return FilteredEncoder("g", tokenizers["g"], slice(width_l, width_l + tokenizers["g"].embedding_size),
+                           projected=True)
 
 
-def pooled_outputs(clip, key: str, rows: list) -> torch.Tensor:
-    """(len(rows), D) unprojected pooled outputs (the end token's final hidden state) of token rows, in one batch.
+def pooled_outputs(clip, key: str, rows: list, projected: bool = False) -> torch.Tensor:
+    """(len(rows), D) pooled outputs (the end token's final hidden state; ``projected``: times the text projection)
+    of token rows of encoder ``key``, in one batch.
 
     SAFREE's subspaces are spanned by diffusers' ``CLIPTextModel.pooler_output``, which is
-    unprojected; ``encode_from_tokens(..., return_pooled="unprojected")`` gives the same but
+    unprojected (SD1/SD2), and on SDXL by ``CLIPTextModelWithProjection.text_embeds`` of CLIP-G,
+    which is projected; ``encode_from_tokens(..., return_pooled=...)`` gives the same but
     encodes one prompt per call, and SAFREE needs one prompt per prompt token. So this mirrors
     that method's set-up (clip options, model loading, device) and calls the encoder once on
     the whole batch. Token weights do not reach ComfyUI's pooled output, so they are dropped.
@@ -58,7 +83,7 @@ def pooled_outputs(clip, key: str, rows: list) -> torch.Tensor:
     model.reset_clip_options()
     if clip.layer_idx is not None:
         model.set_clip_options({"layer": clip.layer_idx})
-    model.set_clip_options({"projected_pooled": False, "execution_device": clip.patcher.load_device})
+    model.set_clip_options({"projected_pooled": projected, "execution_device": clip.patcher.load_device})
     clip.load_model()
     try:
         output = getattr(model, f"clip_{key}").encode([[token for token, *_ in row] for row in rows])
@@ -111,11 +136,12 @@ def masked_rows(chunks: list, spec) -> tuple[list, list[PromptChunk]]:
     return rows, layout
 
 
-def concept_and_prompt_pooled(clip, key: str, keywords: list[str], implicit_negative, chunks: list, spec):
+def concept_and_prompt_pooled(clip, key: str, keywords: list[str], implicit_negative, chunks: list, spec,
+                              projected: bool = False):
     """(concept vectors (K, D), prompt chunks with their leave-one-out pooled outputs), from one encoder batch."""
     concept = concept_rows(clip, key, keywords, implicit_negative)
     masked, layout = masked_rows(chunks, spec)
-    pooled = pooled_outputs(clip, key, concept + masked)
+    pooled = pooled_outputs(clip, key, concept + masked, projected)
     vectors, rest = pooled[:len(concept)], pooled[len(concept):]
     filled, index = [], 0
     for chunk in layout:
@@ -157,18 +183,22 @@ def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, 
     steps and the original afterwards; the concept (or empty) negative; a readable report.
 
     implicit_negative_use ("replace" / "add", see IMPLICIT_NEGATIVE_USES) matters only with an implicit
-    negative: replace drops the keywords from the concept and from the negative."""
+    negative: replace drops the keywords from the concept and from the negative. On SDXL only CLIP-G's columns
+    are filtered (``filtered_encoder``) and the pooled output (ADM input) stays the original prompt's, as in the
+    official SDXL pipeline."""
     if concept_negative not in CONCEPT_NEGATIVE_MODES:
         raise SafreeConfigError(f"concept_negative must be one of {', '.join(CONCEPT_NEGATIVE_MODES)}, "
                                 f"got {concept_negative!r}")
     if svf_preset not in SVF_PRESETS:
         raise SafreeConfigError(f"svf_preset must be one of {', '.join(SVF_PRESETS)}, got {svf_preset!r}")
-    key, tokenizer = single_encoder(clip)
+    encoder = filtered_encoder(clip)
+    key, tokenizer, columns = encoder.key, encoder.tokenizer, encoder.columns
     written = parse_keywords(concept_keywords)
     keywords = concept_keywords_used(written, implicit_negative, implicit_negative_use)
     tokens = clip.tokenize(prompt)
     spec = chunk_spec(tokenizer)
-    vectors, chunks = concept_and_prompt_pooled(clip, key, keywords, implicit_negative, tokens[key], spec)
+    vectors, chunks = concept_and_prompt_pooled(clip, key, keywords, implicit_negative, tokens[key], spec,
+                                                encoder.projected)
     concept_projection = projection_matrix(vectors)
     original = clip.encode_from_tokens_scheduled(tokens)
     total_rows = sum(len(chunk) for chunk in tokens[key])
@@ -179,7 +209,7 @@ def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, 
         if cond.shape[0] != 1 or cond.shape[1] != total_rows:
             raise SafreeConfigError(f"Unexpected conditioning shape {tuple(cond.shape)} for {total_rows} prompt "
                                     "tokens; SAFREE Conditioning needs one prompt of plain CLIP chunks.")
-        result = safree_filter(cond[0], chunks, concept_projection, alpha)
+        result = safree_filter(cond[0][:, columns], chunks, concept_projection, alpha)
         flagged_rows = result.flagged.nonzero().flatten().tolist()
         if not flagged_rows:
             positive.append([cond, {**options, MARK: {"original": cond, "filtered": False}}])
@@ -188,7 +218,8 @@ def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, 
             continue
         last_step = filtered_step_count(result.beta, up_t, SVF_PRESETS[svf_preset])
         end = filter_end_percent(last_step, schedule_steps) if self_validating_filter else 1.0
-        filtered = result.filtered.unsqueeze(0)
+        filtered = cond.clone()
+        filtered[0, :, columns] = result.filtered
         positive.append([filtered, {**options, "start_percent": 0.0, "end_percent": end,
                                     MARK: {"original": cond, "filtered": True}}])
         if end < 1.0:
@@ -197,8 +228,9 @@ def safree_conditioning(clip, prompt: str, concept_keywords: str, alpha: float, 
         names = ", ".join(f"{labels[r]}@{r}" for r in flagged_rows)
         steps = (f"steps 0..{last_step} of {schedule_steps} (end_percent {end:.4f})" if self_validating_filter
                  else "all steps (self-validating filter off)")
-        report.append(f"flagged {len(flagged_rows)} of {sum(c.token_rows.numel() for c in chunks)} tokens: "
-                      f"{names}; beta {result.beta:.4f}; filtered prompt for {steps}")
+        report.append(f"flagged {len(flagged_rows)} of {sum(c.token_rows.numel() for c in chunks)} "
+                      f"{'clip_g ' if key == 'g' else ''}tokens: {names}; beta {result.beta:.4f}; "
+                      f"filtered prompt for {steps}")
     if implicit_negative is None:
         concept = f"concept: {len(keywords)} keyword(s)"
     elif implicit_negative_use == "replace":
@@ -319,7 +351,13 @@ def reattention_pairs(conditioning) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def patch_latent_reattention(model, safree_positive, s1: float, s2: float):
     """A clone of ``model`` that re-attends the filtered prompt's skip features (or ``model`` itself when no
-    token was flagged)."""
+    token was flagged). Refused on SDXL: the official SAFREE SDXL pipeline has no latent re-attention."""
+    if isinstance(model.model, comfy.model_base.SDXL):
+        raise SafreeConfigError(
+            "SAFREE Latent Re-Attention does not support SDXL: the official SAFREE SDXL pipeline has no latent "
+            "re-attention to follow (it never runs the original-prompt branch, and its -lra hooks are the same no-ops "
+            "as on SD1.x). Set "
+            "enabled = false or remove this node; SAFREE Conditioning itself supports SDXL.")
     pairs = reattention_pairs(safree_positive)
     if not pairs:
         logging.info("SAFREE re-attention: no token was flagged, so the prompt is unfiltered; nothing to re-attend.")
