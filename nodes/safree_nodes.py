@@ -34,10 +34,14 @@ class SafreeConditioning(io.ComfyNode):
                 "(text keywords, or an implicit negative in their place as the paper runs SAFREE + C*, or both), "
                 "projects them away from the concept subspace within "
                 "the prompt's own span, and uses that filtered prompt only for the first denoising steps chosen by "
-                "the self-validating filter (as start/end percent, like ConditioningSetTimestepRange). Feed "
+                "the self-validating filter (as start/end percent, like ConditioningSetTimestepRange). On SDXL, "
+                "as the official SAFREE SDXL pipeline, CLIP-G's part of the prompt is filtered with CLIP-G's "
+                "projected pooled outputs; CLIP-L's part and the pooled output stay the original's. Feed "
                 "'positive' and 'negative' to a stock KSampler."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The model's CLIP (SD1.x or SD2.x: one text encoder)."),
+                io.Clip.Input("clip", tooltip=("The model's CLIP: SD1.x/SD2.x (one text encoder) or SDXL (only "
+                                               "CLIP-G's part of the prompt is filtered, as in the official "
+                                               "SAFREE SDXL pipeline).")),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The positive prompt to filter."),
                 io.String.Input("concept_keywords", multiline=True, default=", ".join(NUDITY_KEYWORDS),
@@ -112,9 +116,10 @@ class SafreeLatentReAttention(io.ComfyNode):
                 "UNet also runs the original prompt on the same latents, and in the decoder's two FreeU stages the "
                 "low-frequency skip-feature components that the filtered prompt amplifies beyond the original are "
                 "scaled by s1 / s2. (The official SAFREE release never reaches this filter: its '-lra' only enlarges "
-                "the batch.) Costs one extra UNet pass per step while filtering."),
+                "the batch.) Costs one extra UNet pass per step while filtering. SD1.x/SD2.x; refused on SDXL (the "
+                "official SDXL pipeline has no re-attention)."),
             inputs=[
-                io.Model.Input("model", tooltip="The model the KSampler uses."),
+                io.Model.Input("model", tooltip="The model the KSampler uses (SD1.x/SD2.x; SDXL is refused)."),
                 io.Conditioning.Input("safree_positive",
                                       tooltip="The 'positive' output of SAFREE Conditioning that feeds the KSampler."),
                 io.Boolean.Input("enabled", default=True, tooltip="Off: the model passes through unpatched."),
