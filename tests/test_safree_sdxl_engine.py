@@ -39,7 +39,8 @@ def planted(pack, embeddings_dir):
     """An SDXL implicit negative (one clip_l and one clip_g vector) planted in PROMPT."""
     generator = torch.Generator().manual_seed(11)
     save_embedding(str(embeddings_dir / "safree_sdxl_planted.safetensors"),
-                   {"clip_l": torch.randn(1, 768, generator=generator), "clip_g": torch.randn(1, 1280, generator=generator)},
+                   {"clip_l": torch.randn(1, 768, generator=generator),
+                    "clip_g": torch.randn(1, 1280, generator=generator)},
                    {"concept": "test"})
     return pack["LoadImplicitNegative"].execute("safree_sdxl_planted.safetensors", 1.0).result[0]
 
