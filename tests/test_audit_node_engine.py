@@ -30,7 +30,7 @@ def stock(comfy, name):
 
 @pytest.mark.parametrize("template", ["{}", "a photo of {}", "a photo of {} on a beach, high detail", "{}, art"])
 def test_cstar_in_a_template_equals_comfyui_embedding_syntax(comfy, pack, pack_module, tiny_sd15, cstar, template):
-    from implicit_negatives.comfyui.audit import template_tokens
+    from implicit_negatives.comfyui.clip import template_tokens
     clip = tiny_sd15[1]
     ours = clip.encode_from_tokens_scheduled(template_tokens(clip, cstar, template))
     theirs = stock(comfy, "CLIPTextEncode").encode(clip, template.replace("{}", "embedding:audit_cstar"))[0]
@@ -41,10 +41,11 @@ def test_cstar_in_a_template_equals_comfyui_embedding_syntax(comfy, pack, pack_m
 
 
 def test_text_after_cstar_that_leaves_its_chunk_is_refused(pack, pack_module, tiny_sd15, cstar):
-    from implicit_negatives.comfyui.audit import AuditTemplateError, parse_templates, template_tokens
-    with pytest.raises(AuditTemplateError, match="must share one chunk"):
+    from implicit_negatives.comfyui.audit import parse_templates
+    from implicit_negatives.comfyui.clip import CaptionTemplateError, template_tokens
+    with pytest.raises(CaptionTemplateError, match="must share one chunk"):
         template_tokens(tiny_sd15[1], cstar, "{} " + "blurry watermark " * 40)
-    with pytest.raises(AuditTemplateError, match="exactly once"):
+    with pytest.raises(CaptionTemplateError, match="exactly once"):
         parse_templates("a photo of\n{} and {}")
 
 

@@ -92,6 +92,8 @@ def templated(embeddings_dir):
     save_embedding(str(embeddings_dir / "named_set.safetensors"), vectors,
                    {"training": json.dumps({"templates": "style"})})
     save_embedding(str(embeddings_dir / "no_templates.safetensors"), vectors, {"concept": "test"})
+    save_embedding(str(embeddings_dir / "suffixed.safetensors"), vectors,
+                   {"caption_templates": json.dumps(["a photo of a {} in the snow, high detail"])})
     return embeddings_dir
 
 
@@ -120,6 +122,20 @@ def test_the_training_template_context_equals_comfyui_on_the_template_text(comfy
         assert same_conditioning(templated_conditioning(pack, clip, "templated", text, "appended_chunk"), concat)
     else:
         assert same_conditioning(templated_conditioning(pack, clip, "templated", "", "embedding_only"), stock)
+
+
+@pytest.mark.parametrize("text", ["", "low quality"])
+def test_a_training_template_with_words_after_the_vectors_equals_comfyui_too(comfy, pack, tiny_sd15, templated, text):
+    """The words after the placeholder follow the vectors in their chunk, as ComfyUI packs ``embedding:NAME`` in
+    the middle of a prompt (old code: refused, "has words after the placeholder")."""
+    clip = tiny_sd15[1]
+    phrase = "a photo of a embedding:suffixed in the snow, high detail"
+    stock = clip_text_encode(comfy, clip, f"{text} {phrase}" if text else phrase)
+    assert same_conditioning(templated_conditioning(pack, clip, "suffixed", text), stock)
+    if text:
+        concat = comfy.NODE_CLASS_MAPPINGS["ConditioningConcat"]().concat(
+            clip_text_encode(comfy, clip, text), clip_text_encode(comfy, clip, phrase))[0]
+        assert same_conditioning(templated_conditioning(pack, clip, "suffixed", text, "appended_chunk"), concat)
 
 
 def test_the_template_of_older_files_comes_from_their_named_set_and_none_is_refused(comfy, pack, tiny_sd15, templated):

@@ -14,44 +14,19 @@ from typing import Callable
 import torch
 
 from ..embedding_io import ImplicitNegative
-from ..prompt_tokens import chunk_content, extend_last_chunk
-from .clip import chunk_spec, encoder_tokenizers, implicit_negative_tokens
-
-TEMPLATE_SLOT = "{}"
-
-
-class AuditTemplateError(ValueError):
-    """A caption template of the audit cannot be used; the message says how to fix it."""
+from .clip import TEMPLATE_SLOT, CaptionTemplateError, template_tokens
 
 
 def parse_templates(text: str) -> list[str]:
     """One template per non-empty line, each with ``{}`` exactly once (where C* or the word goes)."""
     templates = [line.strip() for line in text.splitlines() if line.strip()]
     if not templates:
-        raise AuditTemplateError("templates is empty: write one caption per line with {} where the concept goes, "
-                                 "e.g. '{}' (C* alone) and 'a photo of {}'")
+        raise CaptionTemplateError("templates is empty: write one caption per line with {} where the concept goes, "
+                                   "e.g. '{}' (C* alone) and 'a photo of {}'")
     bad = [t for t in templates if t.count(TEMPLATE_SLOT) != 1]
     if bad:
-        raise AuditTemplateError(f"templates {bad} must hold '{{}}' exactly once (where C* or the word goes)")
+        raise CaptionTemplateError(f"templates {bad} must hold '{{}}' exactly once (where C* or the word goes)")
     return templates
-
-
-def template_tokens(clip, negative: ImplicitNegative, template: str) -> dict:
-    """Token dict of ``template`` with C*'s vectors at ``{}`` (what ``"prefix embedding:NAME suffix"`` gives in a
-    stock CLIPTextEncode). Widths are checked (EmbeddingMismatchError); the text after C* must fit C*'s chunk."""
-    prefix, suffix = template.split(TEMPLATE_SLOT)
-    tokens = implicit_negative_tokens(clip, negative, prefix, "in_text_chunk")
-    if not suffix.strip():
-        return tokens
-    tokenizers = encoder_tokenizers(clip)
-    spec_of = {key: chunk_spec(tokenizers[key]) for key in tokens}
-    tail = {key: [t for chunk in chunks for t in chunk_content(chunk, spec_of[key])]
-            for key, chunks in clip.tokenize(suffix).items()}
-    try:
-        return {key: extend_last_chunk(chunks, tail[key], spec_of[key]) for key, chunks in tokens.items()}
-    except ValueError as error:
-        raise AuditTemplateError(f"template {template!r}: C* and the text after it must share one chunk: {error}; "
-                                 "shorten the text after {}") from None
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,22 @@ import logging
 from ..embedding_io import ENCODER_WIDTHS, ImplicitNegative, caption_templates, describe_family
 from ..fingerprint import text_encoder_fingerprint
 from ..inversion import caption_parts
-from ..prompt_tokens import ChunkSpec, append_vectors, truncate_to_one_chunk
+from ..prompt_tokens import ChunkSpec, append_vectors, chunk_content, extend_last_chunk, truncate_to_one_chunk
 
 MODES = ("in_text_chunk", "appended_chunk", "embedding_only")
 # The words around the vectors: none (the paper's use), or the first caption template the vectors were trained in.
 CONTEXTS = ("bare", "training_template")
+TEMPLATE_SLOT = "{}"  # where the vectors go in a caption template
 
 _FAMILY_BY_WIDTHS = {(768,): "SD1.x", (1024,): "SD2.x", (768, 1280): "SDXL"}
 
 
 class EmbeddingMismatchError(ValueError):
     """The implicit negative was trained for a different text encoder than this CLIP."""
+
+
+class CaptionTemplateError(ValueError):
+    """A caption template around the vectors cannot be used; the message says how to fix it."""
 
 
 def encoder_tokenizers(clip) -> dict:
@@ -113,43 +118,43 @@ def describe(negative: ImplicitNegative) -> str:
     return "\n".join(lines)
 
 
-def context_prefix(negative: ImplicitNegative, context: str = "bare") -> str:
-    """The words before the vectors: "" (bare), or the part of the first training template before its "{}"
-    ("a photo of a" for "a photo of a {}"). Raises ValueError, saying how to fix it, when the file records no
-    template or its template has words after the placeholder (which ``embedding:NAME`` packing cannot place)."""
+def context_template(negative: ImplicitNegative, context: str = "bare") -> str:
+    """The caption template the vectors sit in: "{}" (bare), or the first template they were trained in
+    ("a photo of a {}"). Raises ValueError, saying how to fix it, when the file records no template."""
     if context not in CONTEXTS:
         raise ValueError(f"Unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
     if context == "bare":
-        return ""
+        return TEMPLATE_SLOT
     templates = caption_templates(negative.embedding.metadata)
     if not templates:
         raise ValueError(f"Implicit negative '{negative.name}' records no caption templates (a file from another "
                          "trainer, or trained on per-image captions only): use context = bare, or retrain it with "
                          "this pack's trainer, which records them.")
-    before, after = caption_parts(templates[0])
-    if after.strip():
-        raise ValueError(f"The training template {templates[0]!r} of '{negative.name}' has words after the "
-                         "placeholder, which this node cannot place after the vectors: use context = bare, or "
-                         f"write the prompt yourself as '{before}embedding:{negative.name}{after}' in CLIPTextEncode.")
-    return before.strip()
+    return templates[0]
 
 
-def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk",
-                             context: str = "bare") -> dict:
-    """The token dict that ``clip.encode_from_tokens_scheduled`` turns into the negative CONDITIONING.
+def template_tokens(clip, negative: ImplicitNegative, template: str = TEMPLATE_SLOT, text: str = "",
+                    mode: str = "in_text_chunk") -> dict:
+    """The token dict that ``clip.encode_from_tokens_scheduled`` turns into CONDITIONING: ``text``, then
+    ``template`` with the vectors at its ``{}``, packed exactly as a stock CLIPTextEncode packs
+    ``"text prefix embedding:NAME suffix"`` (a template without ``{}`` gets the vectors in front).
 
-    in_text_chunk   the vectors follow the text inside its chunk, like ``"text embedding:NAME"``;
-    appended_chunk  the vectors get a 77-token chunk of their own after the text (ConditioningConcat);
-    embedding_only  just the vectors (text must be empty).
-    context "training_template" puts the words of the first training template before the vectors
-    (``"text a photo of a embedding:NAME"``; in its own chunk with appended_chunk), see ``context_prefix``.
+    in_text_chunk   the (templated) vectors follow the text inside its chunk;
+    appended_chunk  the templated vectors get a 77-token chunk of their own after the text (ConditioningConcat);
+    embedding_only  just the templated vectors (text must be empty).
+    Widths are checked (EmbeddingMismatchError); the words after ``{}`` must fit in the vectors' last chunk
+    (CaptionTemplateError otherwise).
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "embedding_only" and text.strip():
         raise ValueError("Mode 'embedding_only' uses no text, but text was given: clear it, or pick "
                          "'in_text_chunk' / 'appended_chunk' to combine text and embedding.")
-    prefix = context_prefix(negative, context)
+    try:
+        before, after = caption_parts(template)
+    except ValueError as error:
+        raise CaptionTemplateError(f"{error} (where the vectors go)") from None
+    prefix = before.strip()
     tokenizers = encoder_tokenizers(clip)
     vectors = check_fits(clip, negative, tokenizers)
     warning = transfer_warning(clip, negative)
@@ -164,8 +169,22 @@ def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", m
     for key, chunks in phrase.items():
         spec = chunk_spec(tokenizers[key])
         packed = append_vectors(chunks, vectors[key], negative.strength, spec)
+        if after.strip():  # the template's words after the vectors continue their chunk
+            tail = [t for chunk in clip.tokenize(after)[key] for t in chunk_content(chunk, spec)]
+            try:
+                packed = extend_last_chunk(packed, tail, spec)
+            except ValueError as error:
+                raise CaptionTemplateError(f"template {template!r}: the vectors and the text after them must share "
+                                           f"one chunk: {error}; shorten the text after {{}}") from None
         out[key] = (head[key] + packed) if head is not None else packed
     return out
+
+
+def implicit_negative_tokens(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk",
+                             context: str = "bare") -> dict:
+    """``template_tokens`` in the template ``context`` names (see ``context_template``): ``"text embedding:NAME"``
+    for bare, ``"text a photo of a embedding:NAME"`` for training_template."""
+    return template_tokens(clip, negative, context_template(negative, context), text, mode)
 
 
 def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", mode: str = "in_text_chunk",
@@ -174,8 +193,8 @@ def encode_implicit_negative(clip, negative: ImplicitNegative, text: str = "", m
     return clip.encode_from_tokens_scheduled(implicit_negative_tokens(clip, negative, text, mode, context))
 
 
-__all__ = ["MODES", "CONTEXTS", "ENCODER_WIDTHS", "EmbeddingMismatchError", "check_fits",
-           "implicit_negative_tokens", "encode_implicit_negative"]
+__all__ = ["MODES", "CONTEXTS", "ENCODER_WIDTHS", "EmbeddingMismatchError", "CaptionTemplateError", "check_fits",
+           "template_tokens", "implicit_negative_tokens", "encode_implicit_negative"]
 
 
 class OneChunkTokenizer:
