@@ -22,13 +22,6 @@ import torch
 from implicit_negatives.comfyui import headless, rig
 from implicit_negatives.safree import SAFREE_SKIP_SCALES
 
-SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                 channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
-                 context_dim=768, num_heads=8, use_linear_in_transformer=False, adm_in_channels=None,
-                 use_spatial_transformer=True)
-
-
 def random_sd15_shaped(device: str):
     """(model, clip) with SD1.5's UNet and CLIP-L shapes and random fp16 weights (generated on ``device``)."""
     import comfy.ops
@@ -54,7 +47,7 @@ def random_sd15_shaped(device: str):
         return out
 
     with torch.device("meta"):
-        unet = UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init)
+        unet = UNetModel(**rig.FULL_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
         clip = comfy.sd1_clip.SDClipModel(device="meta")
     state = {**fill(unet, "model.diffusion_model."), **fill(clip, "cond_stage_model.")}
     return comfy.sd.load_state_dict_guess_config(state, output_vae=False, output_clip=True)[:2]
