@@ -18,7 +18,8 @@ from implicit_negatives.paired import compare_rows
 from .protocol import ConfigError, RunConfig, item_name, read_prompts
 from implicit_negatives.atomic_write import atomic_write_bytes, atomic_write_json
 
-from .runner import current_graph_sha256, image_path, missing_items, score_path, stored_identity
+from .runner import (LEAKAGE_FILE, current_graph_sha256, file_label, image_path, missing_items, score_path,
+                     stored_identity)
 
 UNAVAILABLE = "unavailable"
 
@@ -109,8 +110,34 @@ def compute_results(config: RunConfig, run_dir: str, detector: dict | None = Non
             "comparisons": comparisons,
             "detector": detector, "prompts": os.path.basename(config.prompts_path),
             "n_prompts": len(next(iter(records.values()))), "fingerprint": config.generation_fingerprint(),
-            "protocol": protocol_summary(config),
+            "protocol": protocol_summary(config), "leakage": leakage_summary(config, run_dir, records),
             "rows": rows}
+
+
+def leakage_summary(config: RunConfig, run_dir: str, records: dict[str, list[dict]]) -> dict[str, dict]:
+    """{embedding entry: {"overlap": "CSV rows 1, 2" | "none found" | "unknown: ...", "csv_rows", "n_prompts"}}
+    from the run's leakage check (``runner.leakage_check``), for the file version the items were made with."""
+    path = os.path.join(run_dir, LEAKAGE_FILE)
+    checked = {}
+    if os.path.isfile(path):
+        with open(path) as handle:
+            checked = json.load(handle)
+    used = {name: digest for row in records.values() for record in row
+            for name, digest in record.get("files", {}).items()}
+    summary = {}
+    for source in sorted({config.negatives[r.negative].embedding for r in config.rows
+                          if r.negative and config.negatives[r.negative].embedding}):
+        entry = checked.get(source)
+        if entry is None:
+            why = "not checked (the run directory was made before the runner recorded it)"
+        elif entry.get("sha256") != used.get(file_label("embeddings", source)):
+            why = "the check read another version of the file than the images were made with"
+        else:
+            summary[source] = {key: entry[key] for key in ("overlap", "csv_rows", "n_prompts")}
+            continue
+        summary[source] = {"overlap": f"unknown: {why}; rerun `python -m evaluation run` on this directory",
+                           "csv_rows": None, "n_prompts": None}
+    return summary
 
 
 def protocol_summary(config: RunConfig) -> dict:
@@ -158,6 +185,8 @@ def markdown_table(results: dict) -> str:
                      f"{'truncated to one 77-token chunk (as diffusers)' if chosen['truncate_prompts'] else 'in full (ComfyUI chunks)'}"
                      f", {chosen['steps']} steps {chosen['sampler']}/{chosen['scheduler']}, "
                      f"{chosen['size'][0]}x{chosen['size'][1]}.")
+    notes += [f"- Leakage ({source}): evaluation prompts among its training images' prompts: {entry['overlap']}."
+              for source, entry in results.get("leakage", {}).items()]
     measured = [row["pp"] for row in results["rows"] if row["pp"]["pp"] is not None]
     if measured:
         notes.append(f"- PP = mean of 1 − LPIPS ({measured[0]['lpips_net']}) between the {measured[0]['reference']} "

@@ -3,6 +3,8 @@
 Run directory layout (every file is written to a temporary name and renamed into place, so a killed run
 leaves either a finished file or none; the temporary files of killed processes are removed at the next start):
     run.json                       config path and generation fingerprint (a directory holds one protocol)
+    leakage.json                   per embedding: the CSV rows among its recorded training prompts, "none
+                                   found", or unknown (and the sha256 of the file checked); the report shows it
     file_hashes.json               sha256 of every model, LoRA and embedding file, valid while path, size,
                                    mtime and inode stay the same (a rerun reads no model file twice)
     images/<row-slug>/<index>.png  one image per (row, CSV index); its PNG text ``implicit_negatives_item``
@@ -41,6 +43,8 @@ from .protocol import (NEGATION_SET_FOLDER, ConfigError, PromptRecord, Row, RunC
                        shard_prompts)
 
 RUN_FILE = "run.json"
+LEAKAGE_FILE = "leakage.json"  # the leakage check of the run's embeddings, for the report
+LEAKAGE_UNKNOWN = "unknown: the embedding records no prompts"
 HASH_CACHE = "file_hashes.json"
 ITEM_TEXT = "implicit_negatives_item"      # PNG tEXt keyword of the item identity
 COMFY_SUBFOLDER = "implicit_negatives_eval"  # where ComfyUI's SaveImage writes before the move into the run
@@ -236,23 +240,36 @@ def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dic
     return prompts, paths
 
 
-def leakage_findings(config: RunConfig, prompts: list[PromptRecord], paths: dict[tuple[str, str], str]) -> list[str]:
-    """One line per implicit negative of the config whose recorded training prompts overlap the evaluation
-    prompts (normalised text, ``implicit_negatives.leakage``), or that records none."""
-    findings = []
+def leakage_check(config: RunConfig, prompts: list[PromptRecord],
+                  paths: dict[tuple[str, str], str]) -> dict[str, dict]:
+    """{embedding entry: {"overlap", "csv_rows", "n_prompts"}} for every implicit negative of the config:
+    the CSV rows whose prompt is among its recorded training prompts (normalised text,
+    ``implicit_negatives.leakage``), "none found", or unknown when the file records no prompts."""
+    checked = {}
     texts = [p.prompt for p in prompts]
     for source in sorted({config.negatives[r.negative].embedding for r in config.rows
                           if r.negative and config.negatives[r.negative].embedding}):
         digests = recorded_prompt_digests(load_embedding(paths[("embeddings", source)]).metadata)
-        if digests is None:
-            findings.append(f"{source}: records no training prompts, so its overlap with {len(texts)} evaluation "
+        rows = None if digests is None else [prompts[i].index for i in overlapping_prompts(texts, digests)]
+        overlap = (LEAKAGE_UNKNOWN if rows is None else
+                   f"CSV rows {', '.join(map(str, rows))}" if rows else "none found")
+        checked[source] = {"overlap": overlap, "csv_rows": rows, "n_prompts": len(texts)}
+    return checked
+
+
+def leakage_warnings(checked: dict[str, dict]) -> list[str]:
+    """One line per implicit negative of ``leakage_check`` whose training prompts overlap the evaluation prompts,
+    or that records none."""
+    findings = []
+    for source, entry in checked.items():
+        rows, total = entry["csv_rows"], entry["n_prompts"]
+        if rows is None:
+            findings.append(f"{source}: records no training prompts, so its overlap with {total} evaluation "
                             "prompts is unknown (train it with `python -m trainer`, with --training-prompts for "
                             "an image folder, to record them)")
-            continue
-        overlap = overlapping_prompts(texts, digests)
-        if overlap:
-            shown = ", ".join(str(prompts[i].index) for i in overlap[:10]) + (" ..." if len(overlap) > 10 else "")
-            findings.append(f"{source}: {len(overlap)} of {len(texts)} evaluation prompts are among the prompts of "
+        elif rows:
+            shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+            findings.append(f"{source}: {len(rows)} of {total} evaluation prompts are among the prompts of "
                             f"its training images (CSV rows {shown}): the table would test C* on its training data")
     return findings
 
@@ -305,13 +322,16 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
     """
     started = time.time()
     prompts, paths = check_run_inputs(engine, config)
-    leaks = leakage_findings(config, prompts, paths)
+    leakage = leakage_check(config, prompts, paths)
+    leaks = leakage_warnings(leakage)
     if leaks and config.strict:
         raise ConfigError(f"{config.source}: [run] strict = true and {len(leaks)} leakage finding(s), nothing "
                           "generated:\n" + "\n".join(f"  - {line}" for line in leaks))
     claim_run_dir(run_dir, config)
     remove_leftovers(run_dir)
     hashes = file_sha256s(run_dir, sorted(set(paths.values())))
+    atomic_write_json(os.path.join(run_dir, LEAKAGE_FILE), {  # each finding names the file version it read
+        source: {**entry, "sha256": hashes[paths[("embeddings", source)]]} for source, entry in leakage.items()})
     stats = RunStats(warnings=leaks)
     for row in config.rows:  # row-major: consecutive graphs share loaders, the checkpoint stays cached
         files = {file_label(*entry): hashes[paths[entry]] for entry in row_files(config, row)}
@@ -378,6 +398,9 @@ def merge_run_dirs(config: RunConfig, target: str, sources: list[str]) -> dict:
         if not os.path.isfile(os.path.join(source, RUN_FILE)):
             raise ConfigError(f"{source} is not a run directory (no {RUN_FILE}); pass the --out folders of the shards")
         claim_run_dir(source, config)  # checks the fingerprint
+        leakage = os.path.join(source, LEAKAGE_FILE)  # every shard checks all prompts: one copy serves
+        if os.path.isfile(leakage) and not os.path.isfile(os.path.join(target, LEAKAGE_FILE)):
+            atomic_copy(leakage, os.path.join(target, LEAKAGE_FILE))
         for kind in ("images", "scores"):
             root = os.path.join(source, kind)
             for folder, _, files in os.walk(root):

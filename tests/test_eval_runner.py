@@ -352,8 +352,8 @@ def test_a_partial_unet_and_stacked_loras_run_through_the_weights_nodes(ev, prot
     assert not np.array_equal(image["one-lora"], image["tiny"])
 
 
-def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when_strict(ev, protocol_dir, engine,
-                                                                                      full_run, tmp_path, capsys):
+def test_training_prompts_overlapping_the_evaluation_are_warned_recorded_and_refused_when_strict(
+        ev, protocol_dir, engine, scorer, full_run, tmp_path, capsys):
     from PIL import Image
     from implicit_negatives import leakage
     # What the trainer reads off a folder of images ComfyUI generated: SaveImage's "prompt" graph names the prompt.
@@ -367,10 +367,35 @@ def test_training_prompts_overlapping_the_evaluation_are_warned_and_refused_when
     (tmp_path / "leaky.toml").write_text(text.replace('prompts = "prompts.csv"', f'prompts = "{protocol_dir / "prompts.csv"}"'))
     config = protocol.load_config(str(tmp_path / "leaky.toml"))
     prompts, paths = runner.check_run_inputs(engine, config)
-    (finding,) = runner.leakage_findings(config, prompts, paths)
+    (finding,) = runner.leakage_warnings(runner.leakage_check(config, prompts, paths))
     assert "leaky.safetensors: 2 of 4 evaluation prompts" in finding and "(CSV rows 1, 2)" in finding
     unknown = protocol.load_config(str(protocol_dir / "config.toml"))  # an embedding without training prompts
-    assert "records no training prompts" in runner.leakage_findings(unknown, *runner.check_run_inputs(engine, unknown))[0]
+    unknown_check = runner.leakage_check(unknown, *runner.check_run_inputs(engine, unknown))
+    assert "records no training prompts" in runner.leakage_warnings(unknown_check)[0]
+    save_embedding(str(tmp_path / "clean.safetensors"), {"clip_l": torch.randn(1, 768) * 0.3},  # no test prompt
+                   {"concept": "nudity", **leakage.training_data_metadata(["a cat"], "prompts file")})
+    (tmp_path / "clean.toml").write_text((tmp_path / "leaky.toml").read_text().replace("leaky.safetensors",
+                                                                                       "clean.safetensors"))
+    clean_config = protocol.load_config(str(tmp_path / "clean.toml"))
+    clean = runner.leakage_check(clean_config, *runner.check_run_inputs(engine, clean_config))
+    assert runner.leakage_warnings(clean) == [] and clean[str(tmp_path / "clean.safetensors")] == {
+        "overlap": "none found", "csv_rows": [], "n_prompts": 4}
+    # The report records the findings (old code: only printed): per embedding, in results.json and results.md.
+    results = json.loads((full_run / "results.json").read_text())
+    assert results["leakage"] == {str(protocol_dir / "implicit.safetensors"): {
+        "overlap": "unknown: the embedding records no prompts", "csv_rows": None, "n_prompts": 4}}
+    assert (f"- Leakage ({protocol_dir / 'implicit.safetensors'}): evaluation prompts among its training images' "
+            "prompts: unknown: the embedding records no prompts." in (full_run / "results.md").read_text())
+    (tmp_path / "leaky2.toml").write_text(
+        (tmp_path / "leaky.toml").read_text().replace("steps = 2", "steps = 2\nlimit = 2"))
+    leaky_two = protocol.load_config(str(tmp_path / "leaky2.toml"))
+    leaky_run = str(tmp_path / "leaky-run")
+    assert len(runner.generate(engine, leaky_two, leaky_run, scorer=scorer).warnings) == 1
+    results = ev("report").write_report(leaky_two, leaky_run)
+    assert results["leakage"] == {str(tmp_path / "leaky.safetensors"): {
+        "overlap": "CSV rows 1", "csv_rows": [1], "n_prompts": 2}}
+    assert "evaluation prompts among its training images' prompts: CSV rows 1." in open(
+        os.path.join(leaky_run, "results.md")).read()
     (tmp_path / "strict.toml").write_text((tmp_path / "leaky.toml").read_text().replace("steps = 2", "steps = 2\nstrict = true"))
     out = tmp_path / "strict-run"
     import folder_paths
