@@ -17,6 +17,10 @@ import urllib.request
 
 from .headless import PACK_ROOT as REPO_ROOT
 
+# Seconds one HTTP request may take: generous, since a server on a loaded machine (2 cores, other test runs) can
+# stall for well over 10 s while it loads models or builds /object_info; a healthy one answers in milliseconds.
+REQUEST_TIMEOUT_S = 60.0
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -25,9 +29,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfyui_path: str, base_dir: str):
+    def __init__(self, comfyui_path: str, base_dir: str, request_timeout: float = REQUEST_TIMEOUT_S):
         self.comfyui_path = comfyui_path
         self.base_dir = base_dir
+        self.request_timeout = request_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base_dir, "server.log")
@@ -49,7 +54,7 @@ class ComfyServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI server exited early:\n{self.log()[-4000:]}")
             try:
-                self.get("/system_stats")
+                self.get("/system_stats", timeout=max(1.0, min(self.request_timeout, deadline - time.time())))
                 return self
             except OSError:
                 time.sleep(0.5)
@@ -67,14 +72,15 @@ class ComfyServer:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()
 
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+    def get(self, path: str, timeout: float | None = None):
+        """GET ``path`` as JSON; ``timeout`` seconds (default ``request_timeout``) before an OSError."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout or self.request_timeout) as response:
             return json.loads(response.read())
 
     def post(self, path: str, payload) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
             body = response.read()
             return json.loads(body) if body else {}
 
