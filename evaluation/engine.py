@@ -73,21 +73,33 @@ class ComfyEngine:
                 return comfy_file_name(value)
         raise GraphError(f"this ComfyUI has no '{folder}' model folder")
 
-    def complete_inputs(self, graph: dict) -> dict:
-        """Fill every required input a graph leaves out with the node's declared default (first combo option
-        when none is declared), so configs name only what they change. Returns the same graph."""
-        for node in graph.values():
+    def declared_defaults(self, graph: dict) -> dict[str, dict]:
+        """{node id: {input: value}} for every input a graph leaves out that its node declares a value for: each
+        required one (its default, else the first combo option) and each optional one with a default, as
+        ComfyUI's frontend sends them. Part of every item's identity: a changed default makes other pixels."""
+        filled = {}
+        for node_id, node in graph.items():
             cls = self.nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
             if cls is None:
                 continue
-            for name, spec in cls.INPUT_TYPES().get("required", {}).items():
-                if name in node["inputs"]:
-                    continue
-                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if "default" in options:
-                    node["inputs"][name] = options["default"]
-                elif isinstance(spec[0], (list, tuple)) and spec[0]:
-                    node["inputs"][name] = spec[0][0]
+            declared, values = cls.INPUT_TYPES(), {}
+            for section in ("required", "optional"):
+                for name, spec in declared.get(section, {}).items():
+                    if name in node["inputs"]:
+                        continue
+                    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    if "default" in options:
+                        values[name] = options["default"]
+                    elif section == "required" and isinstance(spec[0], (list, tuple)) and spec[0]:
+                        values[name] = spec[0][0]
+            if values:
+                filled[node_id] = values
+        return filled
+
+    def complete_inputs(self, graph: dict) -> dict:
+        """Fill in ``declared_defaults(graph)``, so configs name only what they change. Returns the same graph."""
+        for node_id, values in self.declared_defaults(graph).items():
+            graph[node_id]["inputs"].update(values)
         return graph
 
     def validate(self, graph: dict) -> list[str]:

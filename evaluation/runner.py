@@ -11,11 +11,11 @@ leaves either a finished file or none; the temporary files of killed processes a
                                    holds the item's identity
     scores/<row-slug>/<index>.json the item: prompt, seed, cfg, identity, raw NudeNet detections and the
                                    detector (file, channel order) that made them: another detector rescores
-An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting) and
-the content of every file the graph loads (checkpoint, UNet, text encoder, LoRA, embedding, negation set:
-an exported file, or every image of a folder). An item is
-done when its image carries the current identity and scored when its JSON carries the same key; anything
-else is recomputed, and the run says which items and why. Nothing current is recomputed.
+An item's identity hashes its ComfyUI graph (prompt text, seed, guidance and every generation setting), the
+values the nodes' declared defaults give the inputs the graph leaves out, and the content of every file the
+graph loads (checkpoint, UNet, text encoder, LoRA, embedding, negation set: an exported file, or every image of
+a folder). An item is done when its image carries the current identity and scored when its JSON carries the
+same key; anything else is recomputed, and the run says which items and why. Nothing current is recomputed.
 """
 
 from __future__ import annotations
@@ -120,14 +120,19 @@ def graph_sha256(graph: dict) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def item_identity(graph: dict, files: dict[str, str]) -> dict:
-    """What makes an item's pixels: {"graph_sha256", "files": {"folder:entry": sha256}, "key": 16 hex digits}."""
-    identity = {"graph_sha256": graph_sha256(graph), "files": dict(sorted(files.items()))}
+def item_identity(graph: dict, files: dict[str, str], defaults: dict[str, dict]) -> dict:
+    """What makes an item's pixels: {"graph_sha256", "defaults_sha256", "files": {"folder:entry": sha256},
+    "key": 16 hex digits}. ``defaults``: the values the nodes' declared defaults give the inputs the graph
+    leaves out (``ComfyEngine.declared_defaults``), so a pack or ComfyUI update that changes one recomputes."""
+    used = {node: values for node, values in defaults.items() if node != SAVE_NODE}
+    identity = {"graph_sha256": graph_sha256(graph), "files": dict(sorted(files.items())),
+                "defaults_sha256": hashlib.sha256(json.dumps(used, sort_keys=True, default=repr).encode()).hexdigest()}
     return {**identity, "key": _identity_key(identity)}
 
 
 def _identity_key(identity: dict) -> str:
-    payload = {"graph_sha256": identity.get("graph_sha256"), "files": identity.get("files")}
+    payload = {"graph_sha256": identity.get("graph_sha256"), "files": identity.get("files"),
+               "defaults_sha256": identity.get("defaults_sha256")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,6 +144,10 @@ def why_changed(old: dict, new: dict) -> str:
     reasons = [f"{name} changed" for name in files if old.get("files", {}).get(name) != new["files"].get(name)]
     if old.get("graph_sha256") != new["graph_sha256"]:
         reasons.append("the graph changed (prompt text, seed, guidance or a generation setting)")
+    if "defaults_sha256" not in old:
+        reasons.append("the image records no node defaults (an older runner made it)")
+    elif old["defaults_sha256"] != new["defaults_sha256"]:
+        reasons.append("a node default changed (an input the config leaves out: a pack or ComfyUI update)")
     return ", ".join(reasons) or "its identity does not match its inputs"
 
 
@@ -291,7 +300,8 @@ def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dic
     return {"row": row.name, "row_slug": row.slug, "index": prompt.index, "prompt": prompt.prompt,
             "seed": prompt.seed, "cfg": config.item_cfg(prompt), "categories": prompt.categories,
             "image": os.path.join("images", row.slug, item_name(prompt) + ".png"),
-            "graph_sha256": identity["graph_sha256"], "files": identity["files"], "item_key": identity["key"]}
+            "graph_sha256": identity["graph_sha256"], "defaults_sha256": identity.get("defaults_sha256"),
+            "files": identity["files"], "item_key": identity["key"]}
 
 
 def _score_key(record_path: str, scorer=None) -> str | None:
@@ -342,7 +352,7 @@ def generate(engine, config: RunConfig, run_dir: str, shard: tuple[int, int] = (
             # the pid lets a later run delete what a killed one left.
             prefix = f"{COMFY_SUBFOLDER}/{os.getpid()}-{uuid.uuid4().hex[:12]}-{row.slug}-{item_name(prompt)}"
             graph = build_item_graph(config, row, prompt, engine.resolve, prefix)
-            identity = item_identity(graph, files)
+            identity = item_identity(graph, files, engine.declared_defaults(graph))
             stored = stored_identity(final)
             if stored is not None and stored.get("key") == identity["key"]:
                 stats.reused.append(key)

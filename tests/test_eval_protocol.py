@@ -369,7 +369,7 @@ def png_bytes(pixels, **text):
 
 def planted_identity(config, row, prompt, checkpoint_sha256="c0ffee"):
     graph = graphs.build_item_graph(config, row, prompt, lambda f, v: graphs.comfy_file_name(v), "x")
-    return runner.item_identity(graph, {"checkpoints:m.safetensors": checkpoint_sha256})
+    return runner.item_identity(graph, {"checkpoints:m.safetensors": checkpoint_sha256}, {})
 
 
 def test_report_numbers_from_planted_detections(planted_run):

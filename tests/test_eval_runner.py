@@ -584,6 +584,42 @@ def test_changed_inputs_recompute_their_items_and_the_run_says_why(ev, protocol_
     assert report.compute_results(config, out)["n_prompts"] == 2
 
 
+def test_a_changed_node_default_recomputes_the_items_it_reaches(ev, protocol_dir, engine, scorer, tmp_path,
+                                                              monkeypatch):
+    """An input the config leaves to its node's declared default is part of the item's identity, and the graph
+    runs with it as the frontend sends it: a pack (or ComfyUI) update that changes the default recomputes the
+    items of that node (old code: reused, the old images in the new table)."""
+    import shutil
+    folder = tmp_path / "protocol"
+    folder.mkdir()
+    shutil.copy(protocol_dir / "prompts.csv", folder / "prompts.csv")
+    save_embedding(str(folder / "implicit.safetensors"),
+                   {"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(3)) * 0.3},
+                   {"concept": "nudity", "caption_templates": json.dumps(["a photo of a {}"])})
+    (folder / "config.toml").write_text((protocol_dir / "config.toml").read_text().replace(
+        "steps = 2", "steps = 2\nlimit = 1"))
+    protocol, runner = ev("protocol"), ev("runner")
+    config = protocol.load_config(str(folder / "config.toml"))
+    out = str(tmp_path / "run")
+    assert len(runner.generate(engine, config, out, scorer=scorer).generated) == 2
+    implicit = os.path.join(out, "images", "tiny-plus-np-plus-c-star", "00000.png")
+    old_pixels = pixels(implicit)
+    node = engine.nodes.NODE_CLASS_MAPPINGS["ImplicitNegativeConditioning"]
+    declared = node.define_schema  # the config never names `context`: it comes from this default
+
+    def context_default_changed(cls):
+        schema = declared()
+        next(i for i in schema.inputs if i.id == "context").default = "training_template"
+        return schema
+
+    monkeypatch.setattr(node, "define_schema", classmethod(context_default_changed))
+    second = runner.generate(engine, config, out, scorer=scorer)
+    assert second.recomputed == {"tiny-plus-np-plus-c-star/00000": "a node default changed (an input the config "
+                                                                  "leaves out: a pack or ComfyUI update)"}
+    assert second.reused == ["tiny/00000"] and not np.array_equal(pixels(implicit), old_pixels)
+    assert runner.generate(engine, config, out, scorer=scorer).generated == []
+
+
 BROKEN = """
 [models.lora]
 checkpoint = "{checkpoint}"
