@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from implicit_negatives.metrics import DEFAULT_LABEL_SET, PRESETS, format_dsr, summarize_detections, wilson_interval
 from implicit_negatives.comfyui.headless import EngineError
 from implicit_negatives.nudenet_scorer import CHANNEL_ORDERS
+from implicit_negatives.run_lock import RunLockedError
 from .protocol import ConfigError, load_config, parse_shard, shard_from_environment
 from .q16_scorer import Q16Unavailable
 
@@ -44,12 +46,27 @@ def _report(config, run_dir) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def _locked(run_dir: str):
+    """Hold ``run_dir``'s lock (``runner.run_dir_lock``); say so when a process that died held it last."""
+    from .runner import run_dir_lock
+    with run_dir_lock(run_dir) as dead:
+        if dead:
+            print(f"note: took over {run_dir} from a process that died ({dead})", file=sys.stderr)
+        yield
+
+
 def command_run(args) -> int:
-    from .engine import ComfyEngine
-    from .runner import generate
     config = load_config(args.config)
     shard = shard_from_environment(os.environ) if args.shard == "auto" else parse_shard(args.shard)
     out = args.out.replace("{rank}", str(shard[0]))
+    with _locked(out):
+        return _run(args, config, shard, out)
+
+
+def _run(args, config, shard, out) -> int:
+    from .engine import ComfyEngine
+    from .runner import generate
     if args.shard == "auto" and "LOCAL_RANK" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["LOCAL_RANK"]  # torchrun: one GPU per process
     scorer = described = None
@@ -72,14 +89,17 @@ def command_run(args) -> int:
 def command_merge(args) -> int:
     from .runner import merge_run_dirs
     config = load_config(args.config)
-    counts = merge_run_dirs(config, args.out, args.sources)
-    print(f"merged {len(args.sources)} directories into {args.out}: {counts}")
-    _report(config, args.out)
+    with _locked(args.out):
+        counts = merge_run_dirs(config, args.out, args.sources)
+        print(f"merged {len(args.sources)} directories into {args.out}: {counts}")
+        _report(config, args.out)
     return 0
 
 
 def command_report(args) -> int:
-    _report(load_config(args.config), args.out)
+    config = load_config(args.config)
+    with _locked(args.out):
+        _report(config, args.out)
     return 0
 
 
@@ -90,8 +110,9 @@ def command_audit(args) -> int:
     if args.sharp_thumbnails:
         audit.sharp_thumbnails = True
     scorer, described = _scorer()
-    engine = ComfyEngine(args.comfyui, output_dir=os.path.join(args.out, ".comfy_output"))
-    stats, results = run_audit(engine, audit, args.out, scorer, described, args.max_new_images)
+    with _locked(args.out):
+        engine = ComfyEngine(args.comfyui, output_dir=os.path.join(args.out, ".comfy_output"))
+        stats, results = run_audit(engine, audit, args.out, scorer, described, args.max_new_images)
     print(f"audit: generated {len(stats.generated)}, already done {len(stats.reused)}, scored {len(stats.scored)} "
           f"in {stats.seconds:.1f} s")
     if results is None:
@@ -217,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, EngineError, ImportError, Q16Unavailable) as error:
+    except (ConfigError, EngineError, ImportError, Q16Unavailable, RunLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

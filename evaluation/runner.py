@@ -3,6 +3,7 @@
 Run directory layout (every file is written to a temporary name and renamed into place, so a killed run
 leaves either a finished file or none; the temporary files of killed processes are removed at the next start):
     run.json                       config path and generation fingerprint (a directory holds one protocol)
+    run.lock                       while a process writes the directory (``run_dir_lock``): a second is refused
     leakage.json                   per embedding: the CSV rows among its recorded training prompts, "none
                                    found", or unknown (and the sha256 of the file checked); the report shows it
     file_hashes.json               sha256 of every model, LoRA and embedding file, valid while path, size,
@@ -37,12 +38,14 @@ from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic
 from implicit_negatives.embedding_io import load_embedding, sha256_file
 from implicit_negatives.image_folder import image_names
 from implicit_negatives.leakage import overlapping_prompts, recorded_prompt_digests
+from implicit_negatives.run_lock import run_lock
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import (NEGATION_SET_FOLDER, ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts,
                        shard_prompts)
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"  # held by the one process writing the directory (``run_dir_lock``)
 LEAKAGE_FILE = "leakage.json"  # the leakage check of the run's embeddings, for the report
 LEAKAGE_UNKNOWN = "unknown: the embedding records no prompts"
 HASH_CACHE = "file_hashes.json"
@@ -59,6 +62,13 @@ def remove_leftovers(run_dir: str) -> None:
             for name in files:
                 if not process_alive(name.split("-", 1)[0]):
                     os.remove(os.path.join(folder, name))
+
+
+def run_dir_lock(run_dir: str):
+    """Hold ``run_dir``'s lock while the block runs: one process at a time generates into, merges into, reports
+    or audits a directory (``run_lock``: released when the holder dies, even by SIGKILL). RunLockedError, naming
+    the holder, when another live process holds it."""
+    return run_lock(os.path.join(run_dir, LOCK_FILE), f"run directory {run_dir}", "evaluation")
 
 
 def image_path(run_dir: str, row: Row, prompt: PromptRecord) -> str:

@@ -1,4 +1,5 @@
-"""Exclusive run locks: one process at a time may use a training work folder or write an output name.
+"""Exclusive run locks: one process at a time may use a training work folder, write an output name or write an
+evaluation run directory.
 
 The lock is an operating-system file lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows) on a small
 file that names its holder. The system releases it when the holder dies, even by SIGKILL, so a lock is
@@ -52,8 +53,9 @@ def _release(descriptor: int, path: str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(path: str, what: str) -> Iterator[Optional[str]]:
-    """Hold the lock file ``path`` (for ``what``, e.g. "work folder X") while the block runs.
+def run_lock(path: str, what: str, by: str = "trainer") -> Iterator[Optional[str]]:
+    """Hold the lock file ``path`` (for ``what``, e.g. "work folder X"; ``by``: who holds such locks, for the
+    message) while the block runs.
 
     Yields the holder text a dead process left behind ("pid 123 on host, since ...") when this process
     took its lock over, else None. Raises RunLockedError at once if a live process holds it.
@@ -64,7 +66,7 @@ def run_lock(path: str, what: str) -> Iterator[Optional[str]]:
         if not _try_lock(descriptor):
             holder = _read(descriptor) or "another process"
             os.close(descriptor)
-            raise RunLockedError(f"{what} is in use by a running trainer ({holder}); wait for it to finish, "
+            raise RunLockedError(f"{what} is in use by a running {by} ({holder}); wait for it to finish, "
                                  f"or give this run another name or folder")
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(descriptor), os.stat(path)):

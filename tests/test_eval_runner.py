@@ -620,6 +620,35 @@ def test_a_changed_node_default_recomputes_the_items_it_reaches(ev, protocol_dir
     assert runner.generate(engine, config, out, scorer=scorer).generated == []
 
 
+def test_a_second_process_is_refused_a_run_directory_in_use(ev, protocol_dir, tmp_path, capsys):
+    """While one process holds a run directory (run, merge, report, audit), another command on it is refused at
+    once, naming the holder, before it loads anything (old code: both wrote the same items and results); when
+    the holder dies, even by SIGKILL, the next command takes the directory over and says so."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder_code = ("import sys; from evaluation.runner import run_dir_lock\n"
+                   "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(out)], cwd=headless.PACK_ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = str(protocol_dir / "config.toml")
+        for command in (["run", config, "--out", str(out)], ["report", config, "--out", str(out)],
+                        ["merge", config, "--out", str(out), str(tmp_path / "shard")]):
+            assert ev("cli").main(command) == 2
+            error = capsys.readouterr().err
+            assert f"run directory {out} is in use by a running evaluation (pid {holder.pid} " in error, error
+        assert sorted(os.listdir(out)) == ["run.lock"]  # nothing generated, merged or reported
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert ev("cli").main(["report", str(protocol_dir / "config.toml"), "--out", str(out)]) == 2  # nothing to report
+    error = capsys.readouterr().err
+    assert f"note: took over {out} from a process that died (pid {holder.pid} " in error and "not generated" in error
+
+
 BROKEN = """
 [models.lora]
 checkpoint = "{checkpoint}"
