@@ -1,0 +1,179 @@
+"""The protocol runner with an SD1.5 and an SDXL model setup in one config, each at its own size, on the rig's tiny
+checkpoints: every image equals stock ComfyUI sampling of the same graph at that model's size, the SDXL size
+conditioning is diffusers' pipeline default, a rerun reuses every item and another size is another protocol; what
+the pack refuses on SDXL (SAFREE) and a negation set of another size are refused before the first image.
+
+The runner loads the SDXL file through the stock CheckpointLoaderSimple, so its text encoders are full size (about
+ten seconds per SDXL text encode on a CPU); one prompt keeps that to four encodes."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from implicit_negatives.comfyui import rig
+from test_eval_runner import PROMPTS, engine, ev, pixels, scorer  # noqa: F401 (module fixtures)
+
+XL_WIDTH, XL_HEIGHT = 128, 96
+
+CONFIG = """
+[run]
+prompts = "prompts.csv"
+width = 64
+height = 64
+steps = 2
+limit = 1
+
+[models.tiny]
+checkpoint = "{sd15}"
+
+[models.xl]
+checkpoint = "{sdxl}"
+width = {width}
+height = {height}
+
+[negatives.text]
+text = "nudity"
+
+[[rows]]
+name = "Tiny"
+model = "tiny"
+
+[[rows]]
+name = "XL"
+model = "xl"
+"""
+
+REFUSED_ROWS = """
+[negation_sets.exported]
+path = "{negation_set}"
+
+[[rows]]
+name = "Tiny + Safe Denoiser"
+model = "tiny"
+negation_set = "exported"
+
+[[rows]]
+name = "XL + SAFREE"
+model = "xl"
+guidance = "safree"
+negative = "text"
+
+[[rows]]
+name = "XL + Safe Denoiser"
+model = "xl"
+negation_set = "exported"
+"""
+
+
+@pytest.fixture(scope="module")
+def families_dir(tmp_path_factory, tiny_checkpoint):
+    folder = tmp_path_factory.mktemp("families")
+    (folder / "prompts.csv").write_text(PROMPTS)
+    (folder / "config.toml").write_text(CONFIG.format(sd15=os.path.join(*tiny_checkpoint), width=XL_WIDTH,
+                                                      height=XL_HEIGHT, sdxl=rig.tiny_family_checkpoint_path("sdxl")))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def families_run(ev, families_dir, engine, scorer, tmp_path_factory):  # noqa: F811
+    config = ev("protocol").load_config(str(families_dir / "config.toml"))
+    out = tmp_path_factory.mktemp("families_run")
+    stats = ev("runner").generate(engine, config, str(out), scorer=scorer)
+    return config, out, stats
+
+
+@torch.inference_mode()  # as ComfyUI's executor runs nodes
+def stock_image(comfy, checkpoint, text, seed, width, height, steps, cfg, recorded):
+    """The item's graph run node by node through ComfyUI's own nodes, recording the UNet's ADM input ``y``."""
+    model, clip, vae = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(os.path.basename(checkpoint))
+    encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
+    latent = comfy.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(width, height, 1)[0]
+    recorder = model.clone()
+
+    def unet(apply_model, args):
+        recorded.append(args["c"].get("y"))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    recorder.set_model_unet_function_wrapper(unet)
+    samples = comfy.NODE_CLASS_MAPPINGS["KSampler"]().sample(recorder, seed, steps, cfg, "euler", "normal",
+                                                             encode(clip, text)[0], encode(clip, "")[0], latent)[0]
+    image = comfy.NODE_CLASS_MAPPINGS["VAEDecode"]().decode(vae, samples)[0]
+    return np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+
+
+def diffusers_time_ids_embedding(width, height):
+    """diffusers' StableDiffusionXLPipeline defaults (original_size = target_size = (height, width), crops (0, 0),
+    its ``_get_add_time_ids``) through the SDXL UNet's ``add_time_proj`` (Timesteps(256, flip_sin_to_cos, 0))."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.models.embeddings import Timesteps
+    unet = types.SimpleNamespace(config=types.SimpleNamespace(addition_time_embed_dim=256),
+                                 add_embedding=types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=2816)))
+    ids = StableDiffusionXLPipeline._get_add_time_ids(types.SimpleNamespace(unet=unet), (height, width), (0, 0),
+                                                      (height, width), torch.float32, text_encoder_projection_dim=1280)
+    return Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(ids.flatten()).reshape(1, -1)
+
+
+def test_each_model_samples_at_its_own_size_as_stock_comfyui_with_diffusers_size_conditioning(comfy, ev, families_run):  # noqa: F811
+    config, out, stats = families_run
+    assert sorted(stats.generated) == ["tiny/00000", "xl/00000"]
+    prompt = ev("protocol").read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)[0]
+    for slug, model, size in (("tiny", "tiny", (64, 64)), ("xl", "xl", (XL_WIDTH, XL_HEIGHT))):
+        ours = pixels(out / "images" / slug / "00000.png")
+        assert ours.shape == (size[1], size[0], 3)
+        recorded = []
+        reference = stock_image(comfy, config.models[model].checkpoint, prompt.prompt, prompt.seed, *size,
+                                config.steps, config.cfg, recorded)
+        assert np.array_equal(ours, reference), slug
+        assert json.loads((out / "scores" / slug / "00000.json").read_text())["size"] == list(size)
+        if slug == "xl":  # every UNet call (prompt and empty prompt) got diffusers' default size conditioning
+            expected = diffusers_time_ids_embedding(XL_WIDTH, XL_HEIGHT)
+            assert recorded and all(y.shape[-1] == 2816 for y in recorded)
+            for y in recorded:
+                assert torch.allclose(y[:, 1280:].float(), expected.expand(y.shape[0], -1), atol=1e-5)
+        else:
+            assert recorded and all(y is None for y in recorded)
+
+
+def test_a_rerun_reuses_every_size_and_another_size_is_another_protocol(ev, families_dir, engine, families_run):  # noqa: F811
+    config, out, _ = families_run
+    again = ev("runner").generate(engine, config, str(out))
+    assert again.generated == [] and sorted(again.reused) == ["tiny/00000", "xl/00000"]
+    text = (families_dir / "config.toml").read_text()
+    (families_dir / "square.toml").write_text(text.replace(f"height = {XL_HEIGHT}", f"height = {XL_WIDTH}"))
+    square = ev("protocol").load_config(str(families_dir / "square.toml"))
+    assert square.generation_fingerprint() != config.generation_fingerprint()
+    with pytest.raises(ev("protocol").ConfigError, match="holds a run of another protocol"):
+        ev("runner").generate(engine, square, str(out))
+    # the run's own size stated explicitly for the SD1 model is the same protocol
+    (families_dir / "explicit.toml").write_text(text.replace("[models.xl]", "width = 64\nheight = 64\n\n[models.xl]"))
+    assert ev("protocol").load_config(str(families_dir / "explicit.toml")).generation_fingerprint() == \
+        config.generation_fingerprint()
+
+
+def test_safree_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_the_first_image(
+        ev, pack, families_dir, engine, tiny_sd15, tmp_path):  # noqa: F811
+    from implicit_negatives.comfyui.negation_sets import export_negation_set
+    for node in ("LoadNegationSet", "SafeDenoiser", "SafreeConditioning"):
+        if node not in pack:
+            pytest.skip(f"{node} is not in this version of the pack")
+    negation_set = families_dir / "concept.negation_set.safetensors"
+    export_negation_set(str(negation_set), tiny_sd15[2], torch.randn(2, 4, 8, 8), [("a.png", "0" * 64)], 64, "test")
+    rows = REFUSED_ROWS.format(negation_set=negation_set)
+    text = (families_dir / "config.toml").read_text()
+    protocol = ev("protocol")
+    with pytest.raises(protocol.ConfigError, match="row 'XL \\+ Safe Denoiser' samples model 'xl' at width 128, height 96"):
+        (families_dir / "not_square.toml").write_text(text + rows)  # read when the config is loaded
+        protocol.load_config(str(families_dir / "not_square.toml"))
+    (families_dir / "refused.toml").write_text(text.replace(f"height = {XL_HEIGHT}", f"height = {XL_WIDTH}") + rows)
+    config = protocol.load_config(str(families_dir / "refused.toml"))
+    out = tmp_path / "run"
+    with pytest.raises(protocol.ConfigError) as error:
+        ev("runner").generate(engine, config, str(out))
+    message = str(error.value)
+    assert "2 problem(s), nothing generated" in message and not out.exists()
+    assert "row 'XL + SAFREE': model 'xl' is SDXL" in message and "one text encoder" in message
+    assert (f"row 'XL + Safe Denoiser': negation set '{negation_set}' holds latents of 64 px images, but model 'xl' "
+            f"samples {XL_WIDTH}x{XL_WIDTH}") in message
