@@ -1,10 +1,11 @@
-"""The protocol runner with an SD1.5 and an SDXL model setup in one config, each at its own size, on the rig's tiny
-checkpoints: every image equals stock ComfyUI sampling of the same graph at that model's size, the SDXL size
+"""The protocol runner with SD1.5, SD2.x (v-prediction) and SDXL model setups in one config, SDXL at its own size, on
+the rig's tiny checkpoints: every image equals stock ComfyUI sampling of the same graph at that model's size, the SDXL size
 conditioning is diffusers' pipeline default, a rerun reuses every item and another size is another protocol; what
 the pack refuses on SDXL (SAFREE) and a negation set of another size are refused before the first image.
 
 The runner loads the SDXL file through the stock CheckpointLoaderSimple, so its text encoders are full size (about
-ten seconds per SDXL text encode on a CPU); one prompt keeps that to four encodes."""
+ten seconds per SDXL text encode on a CPU); one prompt keeps that to four SDXL encodes, and the stock reference runs
+in the runner's own executor, whose cache keeps the checkpoint loaded."""
 
 import json
 import os
@@ -30,6 +31,9 @@ limit = 1
 [models.tiny]
 checkpoint = "{sd15}"
 
+[models.sd2]
+checkpoint = "{sd2}"
+
 [models.xl]
 checkpoint = "{sdxl}"
 width = {width}
@@ -41,6 +45,10 @@ text = "nudity"
 [[rows]]
 name = "Tiny"
 model = "tiny"
+
+[[rows]]
+name = "SD2"
+model = "sd2"
 
 [[rows]]
 name = "XL"
@@ -74,7 +82,8 @@ def families_dir(tmp_path_factory, tiny_checkpoint):
     folder = tmp_path_factory.mktemp("families")
     (folder / "prompts.csv").write_text(PROMPTS)
     (folder / "config.toml").write_text(CONFIG.format(sd15=os.path.join(*tiny_checkpoint), width=XL_WIDTH,
-                                                      height=XL_HEIGHT, sdxl=rig.tiny_family_checkpoint_path("sdxl")))
+                                                      height=XL_HEIGHT, sdxl=rig.tiny_family_checkpoint_path("sdxl"),
+                                                      sd2=rig.tiny_family_checkpoint_path("sd2")))
     return folder
 
 
@@ -86,22 +95,33 @@ def families_run(ev, families_dir, engine, scorer, tmp_path_factory):  # noqa: F
     return config, out, stats
 
 
+def stock_graph(checkpoint, text, seed, width, height, steps, cfg, prefix):
+    """An item's graph written out with ComfyUI's stock nodes only (one short prompt: no TruncatePrompts needed)."""
+    encode = lambda words: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": words}}
+    return {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": os.path.basename(checkpoint)}},
+            "pos": encode(text), "empty": encode(""),
+            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+            "sample": {"class_type": "KSampler", "inputs": {
+                "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["empty", 0], "latent_image": ["latent", 0],
+                "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+            "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}}
+
+
 @torch.inference_mode()  # as ComfyUI's executor runs nodes
-def stock_image(comfy, checkpoint, text, seed, width, height, steps, cfg, recorded):
-    """The item's graph run node by node through ComfyUI's own nodes, recording the UNet's ADM input ``y``."""
-    model, clip, vae = comfy.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(os.path.basename(checkpoint))
+def recorded_size_conditioning(comfy, model, clip, text, width, height):
+    """The ADM input ``y`` of every UNet call of a stock CLIPTextEncode -> EmptyLatentImage -> KSampler sampling."""
     encode = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncode"]().encode
-    latent = comfy.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(width, height, 1)[0]
-    recorder = model.clone()
+    recorded, recorder = [], model.clone()
 
     def unet(apply_model, args):
-        recorded.append(args["c"].get("y"))
+        recorded.append(args["c"]["y"])
         return apply_model(args["input"], args["timestep"], **args["c"])
     recorder.set_model_unet_function_wrapper(unet)
-    samples = comfy.NODE_CLASS_MAPPINGS["KSampler"]().sample(recorder, seed, steps, cfg, "euler", "normal",
-                                                             encode(clip, text)[0], encode(clip, "")[0], latent)[0]
-    image = comfy.NODE_CLASS_MAPPINGS["VAEDecode"]().decode(vae, samples)[0]
-    return np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+    latent = comfy.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(width, height, 1)[0]
+    comfy.NODE_CLASS_MAPPINGS["KSampler"]().sample(recorder, 1, 2, 7.5, "euler", "normal", encode(clip, text)[0],
+                                                   encode(clip, "")[0], latent)
+    return recorded
 
 
 def diffusers_time_ids_embedding(width, height):
@@ -116,31 +136,33 @@ def diffusers_time_ids_embedding(width, height):
     return Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(ids.flatten()).reshape(1, -1)
 
 
-def test_each_model_samples_at_its_own_size_as_stock_comfyui_with_diffusers_size_conditioning(comfy, ev, families_run):  # noqa: F811
+def test_each_model_samples_at_its_own_size_as_stock_comfyui_with_diffusers_size_conditioning(
+        comfy, ev, engine, families_run):  # noqa: F811
     config, out, stats = families_run
-    assert sorted(stats.generated) == ["tiny/00000", "xl/00000"]
+    assert sorted(stats.generated) == ["sd2/00000", "tiny/00000", "xl/00000"]
     prompt = ev("protocol").read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)[0]
-    for slug, model, size in (("tiny", "tiny", (64, 64)), ("xl", "xl", (XL_WIDTH, XL_HEIGHT))):
+    # SDXL first: the engine's cache still holds the checkpoint of the run's last row
+    for slug, size in (("xl", (XL_WIDTH, XL_HEIGHT)), ("sd2", (64, 64)), ("tiny", (64, 64))):
         ours = pixels(out / "images" / slug / "00000.png")
         assert ours.shape == (size[1], size[0], 3)
-        recorded = []
-        reference = stock_image(comfy, config.models[model].checkpoint, prompt.prompt, prompt.seed, *size,
-                                config.steps, config.cfg, recorded)
-        assert np.array_equal(ours, reference), slug
+        saved = engine.run(stock_graph(config.models[slug].checkpoint, prompt.prompt, prompt.seed, *size,
+                                       config.steps, config.cfg, f"stock/{slug}"))["save"]["images"][0]
+        assert np.array_equal(ours, pixels(os.path.join(engine.output_directory(), saved["subfolder"],
+                                                        saved["filename"]))), slug
         assert json.loads((out / "scores" / slug / "00000.json").read_text())["size"] == list(size)
-        if slug == "xl":  # every UNet call (prompt and empty prompt) got diffusers' default size conditioning
-            expected = diffusers_time_ids_embedding(XL_WIDTH, XL_HEIGHT)
-            assert recorded and all(y.shape[-1] == 2816 for y in recorded)
-            for y in recorded:
-                assert torch.allclose(y[:, 1280:].float(), expected.expand(y.shape[0], -1), atol=1e-5)
-        else:
-            assert recorded and all(y is None for y in recorded)
+    # Stock sampling at that size gives SDXL's UNet diffusers' default time ids, for the prompt and the empty prompt
+    model, clip, _ = rig.load_tiny_family("sdxl")
+    recorded = recorded_size_conditioning(comfy, model, clip, prompt.prompt, XL_WIDTH, XL_HEIGHT)
+    expected = diffusers_time_ids_embedding(XL_WIDTH, XL_HEIGHT)
+    assert recorded and all(y.shape[-1] == 2816 for y in recorded) and sum(len(y) for y in recorded) == 4
+    for y in recorded:
+        assert torch.allclose(y[:, 1280:].float(), expected.expand(len(y), -1), atol=1e-5)
 
 
 def test_a_rerun_reuses_every_size_and_another_size_is_another_protocol(ev, families_dir, engine, families_run):  # noqa: F811
     config, out, _ = families_run
     again = ev("runner").generate(engine, config, str(out))
-    assert again.generated == [] and sorted(again.reused) == ["tiny/00000", "xl/00000"]
+    assert again.generated == [] and sorted(again.reused) == ["sd2/00000", "tiny/00000", "xl/00000"]
     text = (families_dir / "config.toml").read_text()
     (families_dir / "square.toml").write_text(text.replace(f"height = {XL_HEIGHT}", f"height = {XL_WIDTH}"))
     square = ev("protocol").load_config(str(families_dir / "square.toml"))
