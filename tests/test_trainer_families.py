@@ -22,8 +22,9 @@ def adapter(pack_module):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd2(comfy):
-    return rig.load_tiny_family("sd2")
+def tiny_sd2(comfy, embeddings_dir):
+    import folder_paths
+    return rig.load_tiny_family("sd2", embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
 
 def test_sd2_loss_is_diffusers_v_prediction_loss(adapter, tiny_sd2):
@@ -168,14 +169,14 @@ def test_the_cli_trains_on_the_family_and_stock_embedding_syntax_reads_its_file(
     text encoders cut to three layers as everywhere in this module, by the te_model_options ComfyUI's loader takes):
     the file is the family's layout (SDXL: kohya / A1111, clip_l + clip_g and nothing else) with the pack's
     metadata, and stock ``embedding:NAME`` on that family reads it exactly as ImplicitNegativeConditioning does."""
-    import comfy.sd
     from PIL import Image
     from safetensors import safe_open
     from implicit_negatives.embedding_io import sha256_file
     from test_embedding_nodes_engine import clip_text_encode
     cli = importlib.import_module("trainer.cli")
-    load = comfy.sd.load_checkpoint_guess_config
-    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", lambda *args, **kwargs: load(
+    comfy_sd = importlib.import_module("comfy.sd")
+    load = comfy_sd.load_checkpoint_guess_config
+    monkeypatch.setattr(comfy_sd, "load_checkpoint_guess_config", lambda *args, **kwargs: load(
         *args, **{"te_model_options": rig.cut_text_encoders(3), **kwargs}))
     images = tmp_path / "images"
     images.mkdir()
