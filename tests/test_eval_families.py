@@ -74,6 +74,14 @@ negative = "text"
 name = "XL + Safe Denoiser"
 model = "xl"
 negation_set = "exported"
+
+[models.xl_advunlearn]
+checkpoint = "{sdxl}"
+text_encoder = "{negation_set}"
+
+[[rows]]
+name = "XL AdvUnlearn"
+model = "xl_advunlearn"
 """
 
 
@@ -169,13 +177,13 @@ def test_a_rerun_reuses_every_size_and_another_size_is_another_protocol(ev, fami
     assert square.generation_fingerprint() != config.generation_fingerprint()
     with pytest.raises(ev("protocol").ConfigError, match="holds a run of another protocol"):
         ev("runner").generate(engine, square, str(out))
-    # the run's own size stated explicitly for the SD1 model is the same protocol
+    # the run's own size stated explicitly for a model (here sd2) is the same protocol
     (families_dir / "explicit.toml").write_text(text.replace("[models.xl]", "width = 64\nheight = 64\n\n[models.xl]"))
     assert ev("protocol").load_config(str(families_dir / "explicit.toml")).generation_fingerprint() == \
         config.generation_fingerprint()
 
 
-def test_safree_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_the_first_image(
+def test_safree_or_a_text_encoder_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_the_first_image(
         ev, pack, families_dir, engine, tiny_sd15, tmp_path):  # noqa: F811
     from implicit_negatives.comfyui.negation_sets import export_negation_set
     for node in ("LoadNegationSet", "SafeDenoiser", "SafreeConditioning"):
@@ -183,7 +191,7 @@ def test_safree_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_th
             pytest.skip(f"{node} is not in this version of the pack")
     negation_set = families_dir / "concept.negation_set.safetensors"
     export_negation_set(str(negation_set), tiny_sd15[2], torch.randn(2, 4, 8, 8), [("a.png", "0" * 64)], 64, "test")
-    rows = REFUSED_ROWS.format(negation_set=negation_set)
+    rows = REFUSED_ROWS.format(negation_set=negation_set, sdxl=rig.tiny_family_checkpoint_path("sdxl"))
     text = (families_dir / "config.toml").read_text()
     protocol = ev("protocol")
     with pytest.raises(protocol.ConfigError, match="row 'XL \\+ Safe Denoiser' samples model 'xl' at width 128, height 96"):
@@ -195,7 +203,8 @@ def test_safree_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_th
     with pytest.raises(protocol.ConfigError) as error:
         ev("runner").generate(engine, config, str(out))
     message = str(error.value)
-    assert "2 problem(s), nothing generated" in message and not out.exists()
+    assert "3 problem(s), nothing generated" in message and not out.exists()
     assert "row 'XL + SAFREE': model 'xl' is SDXL" in message and "one text encoder" in message
+    assert "row 'XL AdvUnlearn': model 'xl_advunlearn' is SDXL" in message and "SDXL has two" in message
     assert (f"row 'XL + Safe Denoiser': negation set '{negation_set}' holds latents of 64 px images, but model 'xl' "
             f"samples {XL_WIDTH}x{XL_WIDTH}") in message
