@@ -212,8 +212,9 @@ def file_label(folder: str, value: str) -> str:
 # What the pack's nodes refuse on a model family (the ComfyUI model config its checkpoint loader detects), checked
 # before the first image: the node itself would refuse only when the row's first item runs, hours into a run.
 FAMILY_REFUSALS = {
-    ("safree", "SDXL"): "SAFREE Conditioning supports CLIPs with one text encoder (SD1.x, SD2.x), not SDXL's two; "
-                        "use guidance = 'sld' or 'negative_prompt' for this model",
+    ("safree_reattention", "SDXL"): "SAFREE Latent Re-Attention does not support SDXL (the official SAFREE SDXL "
+                                    "pipeline has none); set safree_reattention = false (SAFREE Conditioning itself "
+                                    "runs on SDXL)",
     ("text_encoder", "SDXL"): "LoadUnlearnedTextEncoder replaces the one text encoder of SD1.x / SD2.x, and SDXL has "
                               "two; load an SDXL model whose checkpoint holds the unlearned encoders instead",
 }
@@ -224,8 +225,9 @@ def family_problems(engine, config: RunConfig, rows: list[Row], paths: dict[tupl
     problems, families = [], {}
     for row in rows:
         setup = config.models[row.model]
-        uses = [what for what, used in (("safree", row.guidance == "safree"), ("text_encoder", bool(setup.text_encoder)))
-                if used and any(what == refused for refused, _ in FAMILY_REFUSALS)]
+        used = {"safree_reattention": row.guidance == "safree" and row.safree_reattention,
+                "text_encoder": bool(setup.text_encoder)}
+        uses = [what for what, on in used.items() if on and any(what == refused for refused, _ in FAMILY_REFUSALS)]
         if not uses:
             continue
         path = paths[("checkpoints", setup.checkpoint)]

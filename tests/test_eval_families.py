@@ -1,7 +1,8 @@
 """The protocol runner with SD1.5, SD2.x (v-prediction) and SDXL model setups in one config, SDXL at its own size, on
 the rig's tiny checkpoints: every image equals stock ComfyUI sampling of the same graph at that model's size, the SDXL size
 conditioning is diffusers' pipeline default, a rerun reuses every item and another size is another protocol; what
-the pack refuses on SDXL (SAFREE) and a negation set of another size are refused before the first image.
+the pack refuses on SDXL (SAFREE's latent re-attention, a replaced text encoder) and a negation set of another size
+are refused before the first image.
 
 The runner loads the SDXL file through the stock CheckpointLoaderSimple, so its text encoders are full size (about
 ten seconds per SDXL text encode on a CPU); one prompt keeps that to four SDXL encodes, and the stock reference runs
@@ -69,6 +70,13 @@ name = "XL + SAFREE"
 model = "xl"
 guidance = "safree"
 negative = "text"
+
+[[rows]]
+name = "XL + SAFREE + re-attention"
+model = "xl"
+guidance = "safree"
+negative = "text"
+safree_reattention = true
 
 [[rows]]
 name = "XL + Safe Denoiser"
@@ -183,10 +191,10 @@ def test_a_rerun_reuses_every_size_and_another_size_is_another_protocol(ev, fami
         config.generation_fingerprint()
 
 
-def test_safree_or_a_text_encoder_on_sdxl_and_a_negation_set_of_another_size_are_refused_before_the_first_image(
+def test_reattention_or_a_text_encoder_on_sdxl_and_a_negation_set_of_another_size_are_refused_first(
         ev, pack, families_dir, engine, tiny_sd15, tmp_path):  # noqa: F811
     from implicit_negatives.comfyui.negation_sets import export_negation_set
-    for node in ("LoadNegationSet", "SafeDenoiser", "SafreeConditioning"):
+    for node in ("LoadNegationSet", "SafeDenoiser", "SafreeConditioning", "SafreeLatentReAttention"):
         if node not in pack:
             pytest.skip(f"{node} is not in this version of the pack")
     negation_set = families_dir / "concept.negation_set.safetensors"
@@ -204,7 +212,8 @@ def test_safree_or_a_text_encoder_on_sdxl_and_a_negation_set_of_another_size_are
         ev("runner").generate(engine, config, str(out))
     message = str(error.value)
     assert "3 problem(s), nothing generated" in message and not out.exists()
-    assert "row 'XL + SAFREE': model 'xl' is SDXL" in message and "one text encoder" in message
+    assert "row 'XL + SAFREE + re-attention': model 'xl' is SDXL" in message and "Re-Attention does not" in message
+    assert "row 'XL + SAFREE'" not in message  # SAFREE Conditioning runs on SDXL
     assert "row 'XL AdvUnlearn': model 'xl_advunlearn' is SDXL" in message and "SDXL has two" in message
     assert (f"row 'XL + Safe Denoiser': negation set '{negation_set}' holds latents of 64 px images, but model 'xl' "
             f"samples {XL_WIDTH}x{XL_WIDTH}") in message
