@@ -60,6 +60,11 @@ class ComfyEngine:
                     return path
         return None
 
+    def checkpoint_family(self, path: str) -> str | None:
+        """ComfyUI's model config ("SD15", "SD20", "SDXL", ...) for a checkpoint file, from its tensor shapes."""
+        from implicit_negatives.comfyui.model_identity import checkpoint_model_config
+        return checkpoint_model_config(path)
+
     def resolve(self, folder: str, value: str) -> str:
         """Name ComfyUI lists for a config entry; an absolute path's folder is registered first, ahead of
         ComfyUI's own folders (the file the config names wins over another file of the same name)."""

@@ -112,11 +112,12 @@ def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve:
             graph["patch"] = {"class_type": node_id,
                               "inputs": {k: wiring.get(v, v) if isinstance(v, str) else v for k, v in inputs.items()}}
             model = ["patch", 0]
+    width, height = config.model_size(row.model)
     if row.negation_set:  # Safe Denoiser on top of everything else: its post-CFG hook runs after SLD's guidance
         source = config.negation_sets[row.negation_set]
         graph["negation_set"] = {"class_type": NEGATION_SET_NODE,
                                  "inputs": {"path": resolve(NEGATION_SET_FOLDER, source.path), "vae": vae,
-                                            "resolution": config.width, "skip_bad_images": source.skip_bad_images}}
+                                            "resolution": width, "skip_bad_images": source.skip_bad_images}}
         graph["safe_denoiser"] = {"class_type": SAFE_DENOISER_NODE,
                                   "inputs": {"model": model, "negation_set": ["negation_set", 0],
                                              **dict(row.safe_denoiser)}}
@@ -125,8 +126,10 @@ def build_item_graph(config: RunConfig, row: Row, prompt: PromptRecord, resolve:
         graph["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt.prompt}}
     if sampler_negative == ["empty", 0]:  # diffusers' unconditional branch: the empty prompt
         graph["empty"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}}
+    # The model's own size. SDXL's size conditioning: CLIPTextEncode attaches none, so ComfyUI's SDXL takes
+    # original = target = this latent's size x 8 and crop (0, 0), which is diffusers' SDXL pipeline default.
     graph["latent"] = {"class_type": "EmptyLatentImage",
-                       "inputs": {"width": config.width, "height": config.height, "batch_size": 1}}
+                       "inputs": {"width": width, "height": height, "batch_size": 1}}
     graph["sample"] = {"class_type": "KSampler",
                        "inputs": {"model": model, "positive": positive, "negative": sampler_negative,
                                   "latent_image": ["latent", 0], "seed": prompt.seed, "steps": config.steps,

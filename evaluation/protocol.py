@@ -59,6 +59,8 @@ class ModelSetup:
     lora_strength: float = 1.0
     loras: tuple = ()         # more LoRAs after ``lora``, in order: ((file, strength), ...) (DUO's violence: 4)
     allow_partial: bool = False  # apply the UNet/LoRA tensors that fit and list the others (default: refuse)
+    width: int = 0            # image size of this model's rows (SDXL: 1024); 0 = the run's [run] width / height
+    height: int = 0
 
     def all_loras(self) -> list[tuple[str, float]]:
         return ([(self.lora, self.lora_strength)] if self.lora else []) + [tuple(pair) for pair in self.loras]
@@ -136,6 +138,11 @@ class RunConfig:
     truncate_prompts: bool = True     # one 77-token chunk per prompt, as diffusers tokenizes (TruncatePrompts)
     strict: bool = False              # refuse to run when an embedding's training prompts overlap the test prompts
 
+    def model_size(self, model: str) -> tuple[int, int]:
+        """(width, height) of a model setup's images: its own ``width``/``height``, else the run's."""
+        setup = self.models[model]
+        return setup.width or self.width, setup.height or self.height
+
     def item_cfg(self, prompt: PromptRecord) -> float:
         """The CFG scale an item is sampled at: the protocol's ``cfg``, or the CSV's guidance column."""
         return prompt.guidance if self.guidance_from_csv else self.cfg
@@ -151,12 +158,20 @@ class RunConfig:
         payload = {"size": [self.width, self.height], "steps": self.steps, "sampler": self.sampler,
                    "scheduler": self.scheduler, "cfg": self.cfg, "default_seed": self.default_seed,
                    "guidance_from_csv": self.guidance_from_csv, "truncate_prompts": self.truncate_prompts,
-                   "models": {k: vars(v) for k, v in sorted(self.models.items())},
+                   "models": {k: self._model_payload(k) for k in sorted(self.models)},
                    "negatives": {k: vars(v) for k, v in sorted(self.negatives.items())},
                    "rows": [_row_payload(r) for r in self.rows]}
         if self.negation_sets:  # absent from older configs, whose fingerprints stay what they were
             payload["negation_sets"] = {k: vars(v) for k, v in sorted(self.negation_sets.items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+    def _model_payload(self, name: str) -> dict:
+        """A model setup's fields for the fingerprint; its size only when it is not the run's, so setups without
+        one hash as they did before per-model sizes existed (and an explicit run size hashes as an implicit one)."""
+        payload = {k: v for k, v in vars(self.models[name]).items() if k not in ("width", "height")}
+        if self.model_size(name) != (self.width, self.height):
+            payload["size"] = list(self.model_size(name))
+        return payload
 
 
 def _row_payload(row: Row) -> dict:
@@ -203,16 +218,25 @@ def config_file_key(base: str):
     return file_key
 
 
-def model_setups(tables: dict, base: str) -> dict[str, ModelSetup]:
-    """The ``[models.NAME]`` tables of a run or audit config: a checkpoint plus optional unlearned weights."""
+MODEL_KEYS = {"checkpoint", "unet", "text_encoder", "lora", "lora_strength", "loras", "allow_partial"}
+
+
+def model_setups(tables: dict, base: str, sizes: bool = False) -> dict[str, ModelSetup]:
+    """The ``[models.NAME]`` tables of a run or audit config: a checkpoint plus optional unlearned weights, and
+    with ``sizes`` (run configs) the model's own image ``width`` / ``height``."""
     file_key = config_file_key(base)
     models = {}
     for name, table in tables.items():
         where = f"[models.{name}]"
-        _only(table, {"checkpoint", "unet", "text_encoder", "lora", "lora_strength", "loras", "allow_partial"}, where)
+        _only(table, MODEL_KEYS | ({"width", "height"} if sizes else set()), where)
         if not table.get("checkpoint"):
             raise ConfigError(f"{where} needs checkpoint = 'file' (base model; SD1.4 for the paper)")
         values = dict(table)
+        size = {key: values.pop(key) for key in ("width", "height") if key in values}
+        for key, value in size.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 8:
+                raise ConfigError(f"{where} {key} must be a whole number of pixels, a multiple of 8 and at least 64 "
+                                  f"(SDXL: 1024), got {value!r}")
         stacked = []
         for number, entry in enumerate(values.pop("loras", [])):
             if not isinstance(entry, dict) or not entry.get("file") or set(entry) - {"file", "strength"}:
@@ -221,7 +245,7 @@ def model_setups(tables: dict, base: str) -> dict[str, ModelSetup]:
         allow_partial = values.pop("allow_partial", False)
         if not isinstance(allow_partial, bool):
             raise ConfigError(f"{where} allow_partial must be true or false")
-        models[name] = ModelSetup(name=name, loras=tuple(stacked), allow_partial=allow_partial,
+        models[name] = ModelSetup(name=name, loras=tuple(stacked), allow_partial=allow_partial, **size,
                                   **{k: (file_key(v) if isinstance(v, str) else float(v)) for k, v in values.items()})
     return models
 
@@ -240,7 +264,7 @@ def load_config(path: str) -> RunConfig:
         raise ConfigError("[run] needs prompts = 'path/to/prompts.csv' (I2P layout: prompt, seed, guidance, categories)")
 
     file_key = config_file_key(base)
-    models = model_setups(raw.get("models", {}), base)
+    models = model_setups(raw.get("models", {}), base, sizes=True)
     negatives = {}
     for name, table in raw.get("negatives", {}).items():
         _only(table, {"text", "embedding", "strength", "mode"}, f"[negatives.{name}]")
@@ -299,9 +323,11 @@ def load_config(path: str) -> RunConfig:
         pp_reference=pp.get("reference", ""), lpips_net=pp.get("lpips_net", "alex"),
         lpips_backbone=_resolve(base, pp.get("lpips_backbone", "")),
         lpips_linear=_resolve(base, pp.get("lpips_linear", "")))
-    if any(row.negation_set for row in rows) and config.width != config.height:
-        raise ConfigError(f"{path}: Safe Denoiser rows need square images (negation sets are fitted to a square); "
-                          f"got width {config.width}, height {config.height}")
+    for row in rows:
+        width, height = config.model_size(row.model)
+        if row.negation_set and width != height:
+            raise ConfigError(f"{path}: Safe Denoiser rows need square images (negation sets are fitted to a square); "
+                              f"row {row.name!r} samples model {row.model!r} at width {width}, height {height}")
     for spec in [config.label_set, *config.extra_label_sets]:
         label_set(spec)  # fail now, not after hours of generation
     if config.channel_order not in CHANNEL_ORDERS:

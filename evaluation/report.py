@@ -77,6 +77,11 @@ def prior_preservation_column(config: RunConfig, run_dir: str) -> dict[str, dict
     prompts = read_prompts(config.prompts_path, config.cfg, config.default_seed, config.limit)
     column = {}
     for row in config.rows:
+        size, reference_size = config.model_size(row.model), config.model_size(reference.model)
+        if size != reference_size:  # LPIPS compares images of one size; another family's row has no PP here
+            column[row.name] = {"pp": None, "n": 0, "status": f"{UNAVAILABLE}: {size[0]}x{size[1]} images, the "
+                                f"reference row {reference.name!r} is {reference_size[0]}x{reference_size[1]}"}
+            continue
         distances = [lpips_distance(model, image_path(run_dir, reference, p), image_path(run_dir, row, p))
                      for p in prompts]
         column[row.name] = {"pp": prior_preservation(distances), "status": "ok", "n": len(distances),
@@ -144,7 +149,13 @@ def protocol_summary(config: RunConfig) -> dict:
     """The generation choices that move a table (README, "Reproducing the paper's table")."""
     return {"cfg": "per prompt (CSV guidance column)" if config.guidance_from_csv else config.cfg,
             "truncate_prompts": config.truncate_prompts, "steps": config.steps, "sampler": config.sampler,
-            "scheduler": config.scheduler, "size": [config.width, config.height]}
+            "scheduler": config.scheduler, "size": [config.width, config.height], **model_sizes(config)}
+
+
+def model_sizes(config: RunConfig) -> dict:
+    """{"model_sizes": {model: [width, height]}} when a row's model samples at another size than the run's."""
+    sizes = {row.model: list(config.model_size(row.model)) for row in config.rows}
+    return {"model_sizes": sizes} if any(size != [config.width, config.height] for size in sizes.values()) else {}
 
 
 def paired_comparison(rows: list[dict], name_a: str, name_b: str, labels: str) -> dict:
@@ -184,7 +195,8 @@ def markdown_table(results: dict) -> str:
         notes.append(f"- Generation: cfg {chosen['cfg']}, prompts "
                      f"{'truncated to one 77-token chunk (as diffusers)' if chosen['truncate_prompts'] else 'in full (ComfyUI chunks)'}"
                      f", {chosen['steps']} steps {chosen['sampler']}/{chosen['scheduler']}, "
-                     f"{chosen['size'][0]}x{chosen['size'][1]}.")
+                     + (", ".join(f"{model} {w}x{h}" for model, (w, h) in chosen["model_sizes"].items())
+                        if "model_sizes" in chosen else f"{chosen['size'][0]}x{chosen['size'][1]}") + ".")
     notes += [f"- Leakage ({source}): evaluation prompts among its training images' prompts: {entry['overlap']}."
               for source, entry in results.get("leakage", {}).items()]
     measured = [row["pp"] for row in results["rows"] if row["pp"]["pp"] is not None]

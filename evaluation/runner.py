@@ -38,7 +38,9 @@ from implicit_negatives.atomic_write import (PARTIAL_SUFFIX, atomic_copy, atomic
 from implicit_negatives.embedding_io import load_embedding, sha256_file
 from implicit_negatives.image_folder import image_names
 from implicit_negatives.leakage import overlapping_prompts, recorded_prompt_digests
+from implicit_negatives.negation_set_io import load_negation_set
 from implicit_negatives.run_lock import run_lock
+from implicit_negatives.safe_denoiser import NegationSetError
 
 from .graphs import SAVE_NODE, build_item_graph, comfy_file_name, node_types
 from .protocol import (NEGATION_SET_FOLDER, ConfigError, PromptRecord, Row, RunConfig, item_name, read_prompts,
@@ -207,9 +209,66 @@ def file_label(folder: str, value: str) -> str:
     return f"{folder}:{value}"
 
 
+# What the pack's nodes refuse on a model family (the ComfyUI model config its checkpoint loader detects), checked
+# before the first image: the node itself would refuse only when the row's first item runs, hours into a run.
+FAMILY_REFUSALS = {
+    ("safree_reattention", "SDXL"): "SAFREE Latent Re-Attention does not support SDXL (the official SAFREE SDXL "
+                                    "pipeline has none); set safree_reattention = false (SAFREE Conditioning itself "
+                                    "runs on SDXL)",
+    ("text_encoder", "SDXL"): "LoadUnlearnedTextEncoder replaces the one text encoder of SD1.x / SD2.x, and SDXL has "
+                              "two; load an SDXL model whose checkpoint holds the unlearned encoders instead",
+}
+
+
+def family_problems(engine, config: RunConfig, rows: list[Row], paths: dict[tuple[str, str], str]) -> list[str]:
+    """One line per row whose guidance or model setup the pack refuses on its checkpoint's model family."""
+    problems, families = [], {}
+    for row in rows:
+        setup = config.models[row.model]
+        used = {"safree_reattention": row.guidance == "safree" and row.safree_reattention,
+                "text_encoder": bool(setup.text_encoder)}
+        uses = [what for what, on in used.items() if on and any(what == refused for refused, _ in FAMILY_REFUSALS)]
+        if not uses:
+            continue
+        path = paths[("checkpoints", setup.checkpoint)]
+        if path not in families:
+            families[path] = engine.checkpoint_family(path)
+        for what in uses:
+            why = FAMILY_REFUSALS.get((what, families[path]))
+            if why:
+                problems.append(f"row {row.name!r}: model {row.model!r} is {families[path]} ({setup.checkpoint}): {why}")
+    return problems
+
+
+def negation_set_problems(config: RunConfig, rows: list[Row], paths: dict[tuple[str, str], str]) -> list[str]:
+    """One line per Safe Denoiser row whose exported negation set holds latents of another image size than its
+    model samples (LoadNegationSet would refuse it at the row's first item; an image folder is fitted to any size)."""
+    problems = []
+    for row in rows:
+        if not row.negation_set:
+            continue
+        source = config.negation_sets[row.negation_set]
+        path = paths[(NEGATION_SET_FOLDER, source.path)]
+        if os.path.isdir(path):
+            continue
+        width, height = config.model_size(row.model)
+        try:
+            made_at = load_negation_set(path).provenance.get("resolution")
+        except NegationSetError as error:
+            problems.append(f"row {row.name!r}: negation set {source.path!r}: {error}")
+            continue
+        if made_at != str(width):
+            problems.append(f"row {row.name!r}: negation set {source.path!r} holds latents of {made_at} px images, "
+                            f"but model {row.model!r} samples {width}x{height}: export it again at {width} px "
+                            f"(python -m trainer --resolution {width}), give the model width = height = {made_at}, "
+                            "or use the image folder (fitted to each model's size)")
+    return problems
+
+
 def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dict[tuple[str, str], str]]:
     """Check everything a run needs before its first image: the prompt CSV, the nodes of every row, every
-    checkpoint, UNet, text encoder, LoRA and embedding, and ComfyUI's own validation of each row's graph.
+    checkpoint, UNet, text encoder, LoRA and embedding, what the pack refuses on a checkpoint's model family, an
+    exported negation set's image size, and ComfyUI's own validation of each row's graph.
 
     Returns (prompts, {(folder, entry): path}); raises one ConfigError that lists every problem found.
     """
@@ -250,6 +309,7 @@ def check_run_inputs(engine, config: RunConfig) -> tuple[list[PromptRecord], dic
         else:
             paths[(folder, value)] = loaded
     checkable = [row for row in config.rows if row.name not in unusable]
+    problems += family_problems(engine, config, checkable, paths) + negation_set_problems(config, checkable, paths)
     for row in checkable:
         graph = engine.complete_inputs(build_item_graph(config, row, probe, engine.resolve, "probe"))
         problems += [f"row {row.name!r}: {problem}" for problem in engine.validate(graph)]
@@ -308,7 +368,8 @@ class RunStats:
 
 def item_record(config: RunConfig, row: Row, prompt: PromptRecord, identity: dict) -> dict:
     return {"row": row.name, "row_slug": row.slug, "index": prompt.index, "prompt": prompt.prompt,
-            "seed": prompt.seed, "cfg": config.item_cfg(prompt), "categories": prompt.categories,
+            "seed": prompt.seed, "cfg": config.item_cfg(prompt), "size": list(config.model_size(row.model)),
+            "categories": prompt.categories,
             "image": os.path.join("images", row.slug, item_name(prompt) + ".png"),
             "graph_sha256": identity["graph_sha256"], "defaults_sha256": identity.get("defaults_sha256"),
             "files": identity["files"], "item_key": identity["key"]}

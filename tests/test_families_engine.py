@@ -15,10 +15,13 @@ import torch
 from safetensors import safe_open
 
 from implicit_negatives.embedding_io import save_embedding
+from implicit_negatives.safe_denoiser import SafeDenoiserParams, project_negation_latents, safe_denoised
 from implicit_negatives.sld import SLD_PRESETS, sld_noise
 
 from implicit_negatives.comfyui import rig
 from test_embedding_nodes_engine import clip_text_encode, max_diff, our_conditioning
+from test_safe_denoiser_engine import SETTINGS, images, recording
+from test_safe_denoiser_engine import safe_model as safe_denoiser_model
 from test_sld_engine import close, hooks_of, ksample, recorded_sampling, safe_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,3 +152,26 @@ def test_safree_runs_on_sd2_and_sdxl_and_refuses_reattention_on_sdxl(comfy, pack
         patched = pack["SafreeLatentReAttention"].execute(model, positive, True, 0.9, 0.2).result[0]
     latent = ksample(comfy, patched, {"positive": positive, "negative": negative}, steps=4)
     assert torch.isfinite(latent).all()
+
+
+def test_safe_denoiser_steps_with_the_core_in_the_familys_latent_space(comfy, pack, family):
+    """EncodeNegationSet is the stock VAEEncode of the family's VAE, and every x0 prediction inside the window is the
+    core Safe Denoiser step against the negation latents in the model's latent space, the prediction outside it
+    untouched (as on SD1.5, test_safe_denoiser_engine.py). The projection is unit norm over channels, so the latent
+    scale (SDXL 0.13025, SD1/SD2 0.18215) cancels."""
+    _, _, (model, _, vae), conds = family
+    negation = pack["EncodeNegationSet"].execute(images(), vae).result[0]
+    assert torch.equal(negation.latents, comfy.NODE_CLASS_MAPPINGS["VAEEncode"]().encode(vae, images())[0]["samples"].float())
+    before, after, steps = [], [], 4
+    patched = recording(safe_denoiser_model(pack, recording(model, before), negation), after)
+    ksample(comfy, patched, conds, steps=steps)
+    sigma_end = patched.get_model_object("model_sampling").percent_to_sigma(SETTINGS["end_percent"])
+    projected = project_negation_latents(model.model.process_latent_in(negation.latents))
+    params = SafeDenoiserParams(strength=SETTINGS["strength"], bandwidth=SETTINGS["bandwidth"])
+    inside = [i for i, (sigma, _) in enumerate(before) if sigma >= sigma_end]
+    assert len(before) == steps and 0 < len(inside) < steps
+    for i, ((_, x0), (_, out)) in enumerate(zip(before, after)):
+        if i in inside:
+            assert torch.allclose(out, safe_denoised(x0, projected, params), atol=1e-5) and (out - x0).abs().max() > 1e-3
+        else:
+            assert torch.equal(out, x0)

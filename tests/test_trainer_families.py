@@ -22,8 +22,9 @@ def adapter(pack_module):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd2(comfy):
-    return rig.load_tiny_family("sd2")
+def tiny_sd2(comfy, embeddings_dir):
+    import folder_paths
+    return rig.load_tiny_family("sd2", embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
 
 def test_sd2_loss_is_diffusers_v_prediction_loss(adapter, tiny_sd2):
@@ -159,3 +160,51 @@ def test_sdxl_cli_preview_feeds_both_halves_of_the_vectors(pack_module, tiny_sdx
     cli.preview(model, clip, vae, vectors, "a photo of a {}", 1, 0, 64, str(tmp_path / "preview.png"))
     from PIL import Image
     assert Image.open(tmp_path / "preview.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_the_cli_trains_on_the_family_and_stock_embedding_syntax_reads_its_file(
+        comfy, pack, family, tiny_sd2, tiny_sdxl, embeddings_dir, tmp_path, monkeypatch):
+    """``python -m trainer`` end to end on the family's checkpoint (its main(), every check, the real loaders; the
+    text encoders cut to three layers as everywhere in this module, by the te_model_options ComfyUI's loader takes):
+    the file is the family's layout (SDXL: kohya / A1111, clip_l + clip_g and nothing else) with the pack's
+    metadata, and stock ``embedding:NAME`` on that family reads it exactly as ImplicitNegativeConditioning does."""
+    from PIL import Image
+    from safetensors import safe_open
+    from implicit_negatives.embedding_io import sha256_file
+    from test_embedding_nodes_engine import clip_text_encode
+    cli = importlib.import_module("trainer.cli")
+    comfy_sd = importlib.import_module("comfy.sd")
+    load = comfy_sd.load_checkpoint_guess_config
+    monkeypatch.setattr(comfy_sd, "load_checkpoint_guess_config", lambda *args, **kwargs: load(
+        *args, **{"te_model_options": rig.cut_text_encoders(3), **kwargs}))
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for i in range(2):
+        Image.fromarray((torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()).save(
+            images / f"{i}.png")
+    checkpoint, name = rig.tiny_family_checkpoint_path(family), f"cli_{family}"
+    assert cli.main(["--checkpoint", checkpoint, "--images", str(images), "--resolution", "64", "--steps", "2",
+                     "--num-vectors", "2", "--init-word", "cat", "--seed", "3", "--name", name, "--concept", "test",
+                     "--work-dir", str(tmp_path / "work"), "--no-preview"]) == 0
+    path = embeddings_dir / f"{name}.safetensors"
+    widths = {"sd2": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}[family]
+    with safe_open(str(path), "pt") as handle:
+        assert {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()} == {
+            key: (2, width) for key, width in widths.items()}
+    meta = load_embedding(str(path)).metadata
+    assert meta["format"] == "implicit-negative/1" and meta["intended_use"] == "negative"
+    assert meta["model_family"] == {"sd2": "SD2.x", "sdxl": "SDXL"}[family], meta["model_family"]
+    assert meta["steps"] == "2" and meta["concept"] == "test" and meta["base_model_hash"] == sha256_file(checkpoint)
+    assert f'"text_encoder": "{"+".join(widths)}"' in meta["training"]
+    clip = (tiny_sd2 if family == "sd2" else tiny_sdxl)[1]
+    stock = clip_text_encode(comfy, clip, f"a photo, embedding:{name}")
+    negative = pack["LoadImplicitNegative"].execute(f"{name}.safetensors", 1.0).result[0]
+    ours = pack["ImplicitNegativeConditioning"].execute(clip, negative, "a photo,", "in_text_chunk").result[0]
+    assert torch.equal(ours[0][0], stock[0][0]) and torch.equal(ours[0][1]["pooled_output"], stock[0][1]["pooled_output"])
+    plain = clip_text_encode(comfy, clip, "a photo,")[0][0]
+    start = 0
+    for key, width in widths.items():  # every encoder's half of the context reads its vectors
+        assert (stock[0][0][..., start:start + width] - plain[..., start:start + width]).abs().max() > 1e-3, key
+        start += width

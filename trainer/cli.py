@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(textual inversion with every weight frozen; defaults are the paper's).")
     model = p.add_argument_group("unlearned model (loaded with ComfyUI's loaders)")
     model.add_argument("--checkpoint", required=True,
-                       help="single-file SD1.x/SD2.x checkpoint (.safetensors/.ckpt): a path, or a file name in "
+                       help="single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors/.ckpt): a path, or a file name in "
                             "ComfyUI's models/checkpoints (likewise --unet in diffusion_models, --lora in loras, "
                             "--text-encoder in text_encoders)")
     model.add_argument("--unet", help="replacement UNet weights: a full diffusers-key UNet (ESD/UCE/RECE .pt/.bin/"

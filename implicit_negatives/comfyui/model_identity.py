@@ -2,12 +2,18 @@
 
 An implicit negative is learned against one unlearned model. The paper shows it transfers between
 unlearned variants of one base model, but users should know when they use it elsewhere. The trainer
-stores this fingerprint; ImplicitNegativeConditioning compares it when a MODEL is connected.
+stores this fingerprint; ImplicitNegativeConditioning compares it when a MODEL is connected. And which model
+family does a checkpoint file hold, before it loads (``checkpoint_model_config``, for the evaluation runner's checks)?
 """
 
 from __future__ import annotations
 
+import pickle
+
+import torch
+
 import comfy.lora
+import comfy.model_detection
 import comfy.utils
 
 from ..fingerprint import tensors_fingerprint
@@ -55,3 +61,23 @@ def model_transfer_warning(model, negative) -> str | None:
             f"{trained_on}, this MODEL {current}). Implicit negatives transfer between unlearned variants of one "
             "base model (Shin et al. 2025), but are strongest on the model they were learned on; retrain for "
             "this model if its results matter.")
+
+
+def checkpoint_model_config(path: str) -> str | None:
+    """The ComfyUI model config (``comfy.supported_models`` class name: "SD15", "SD20", "SDXL", ...) its checkpoint
+    loader detects for a single-file checkpoint, found by ComfyUI's own detector from the tensors' names and shapes
+    alone: a safetensors file gives meta tensors (no weight is read), a torch zip file is memory-mapped
+    (``weights_only``). None when ComfyUI detects no model or the file is an old (non-zip) torch pickle or holds
+    objects ``weights_only`` refuses (the runner then leaves the check to the nodes, at the row's first item)."""
+    if path.lower().endswith((".safetensors", ".sft")):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as handle:
+            state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError):  # a legacy (non-zip) pickle cannot be memory-mapped; a
+            return None                                  # pickle of more than tensors is not read here
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    config = comfy.model_detection.model_config_from_unet(state, comfy.model_detection.unet_prefix_from_state_dict(state))
+    return None if config is None else type(config).__name__

@@ -163,12 +163,16 @@ def load_tiny_family(family: str, text_encoder_layers: int | None = 3, embedding
     layer SDXL and SD2 read (ComfyUI asserts |layer_idx| < layers), with the real token tables and projections: an SDXL
     text encode gets about eight times cheaper on a CPU."""
     import comfy.sd
-    options = {} if text_encoder_layers is None else {
-        f"clip_{key}_model_config": {"num_hidden_layers": text_encoder_layers} for key in ("l", "g", "h")}
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         tiny_family_checkpoint_path(family), output_vae=True, output_clip=True,
-        embedding_directory=embedding_directory, te_model_options=options)
+        embedding_directory=embedding_directory, te_model_options=cut_text_encoders(text_encoder_layers))
     return model, clip, vae
+
+
+def cut_text_encoders(layers: int | None) -> dict:
+    """ComfyUI's ``te_model_options`` that keep the first ``layers`` layers of every CLIP text encoder (CLIP-L,
+    CLIP-G, OpenCLIP-H); None: full size."""
+    return {} if layers is None else {f"clip_{key}_model_config": {"num_hidden_layers": layers} for key in "lgh"}
 
 
 def tiny_checkpoint_path(seed: int = 0, full_size: bool = False) -> str:
