@@ -48,12 +48,20 @@ def _report(config, run_dir) -> dict:
 
 @contextlib.contextmanager
 def _locked(run_dir: str):
-    """Hold ``run_dir``'s lock (``runner.run_dir_lock``); say so when a process that died held it last."""
+    """Hold ``run_dir``'s lock (``runner.run_dir_lock``); say so when a process that died held it last. A folder
+    that the lock alone created is removed again when the command wrote nothing into it (e.g. it stopped on a
+    check before the first image), so a failed command leaves no empty run directory behind."""
     from .runner import run_dir_lock
-    with run_dir_lock(run_dir) as dead:
-        if dead:
-            print(f"note: took over {run_dir} from a process that died ({dead})", file=sys.stderr)
-        yield
+    existed = os.path.isdir(run_dir)
+    try:
+        with run_dir_lock(run_dir) as dead:
+            if dead:
+                print(f"note: took over {run_dir} from a process that died ({dead})", file=sys.stderr)
+            yield
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: the command wrote something, keep it
+                os.rmdir(run_dir)
 
 
 def command_run(args) -> int:
