@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
                              "'none' retrains every time")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="design 2: run the seeds in this many worker processes at once, one seed and one thread "
+                             "each (default 2, one per core); the world model is trained first, here, at --threads. "
+                             "Per-seed numbers do not depend on --jobs. 1: every seed in this process at --threads "
+                             "(other thread counts than 1 round ESD-x+p's fine-tuning and the inversion differently, "
+                             "and so change the numbers)")
     parser.add_argument("--train-only", action="store_true",
                         help="train (or find) the world model and detector in --cache, then stop")
     parser.add_argument("--train-device", default="cpu",
@@ -124,6 +130,13 @@ def _design2(args, parser, cfg, cache, start, log) -> int:
         return 0
     if args.merge:
         doc = report2.merge_reports(args.merge, args.out)
+    elif args.jobs > 1 and len(cfg.seeds) > 1 and cache is not None:
+        t = time.time()
+        _, cached = load_or_train_world(cfg, cache, log=log, device=args.train_device)  # once, for every worker
+        world_s = time.time() - t
+        load_or_train_detector(cfg, cache)
+        folders = _seeds_in_workers(args, cfg.seeds, cache, log)
+        doc = report2.merge_reports(folders, args.out, {"world_s": world_s, "total_s": time.time() - start}, cached)
     else:
         doc = report2.write_report(design2.run(cfg, cache=cache, log=log), args.out, smoke=args.smoke)
     print(f"\nwrote {os.path.join(args.out, 'report.md')} in {time.time() - start:.0f} s")
@@ -133,6 +146,33 @@ def _design2(args, parser, cfg, cache, start, log) -> int:
               f"claim 2 (SLD) {d['claim2_sld']}; claim 2 (NP) {d['claim2_np']}")
     print(doc["verdict"]["statement"])
     return 0
+
+
+def _seeds_in_workers(args, seeds, cache: str, log) -> list[str]:
+    """Each seed in its own process (this command with `--seeds S --threads 1 --jobs 1`), at most --jobs at once,
+    into <out>/seeds/S (its log: run.log there); the folders, in seed order, for `report2.merge_reports`."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    command = [sys.executable, "-m", "bench.paper_in_miniature", "--design", "2", "--threads", "1", "--jobs", "1",
+               "--cache", cache] + (["--smoke"] if args.smoke else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run_seed(seed: int) -> str:
+        folder = os.path.join(args.out, "seeds", str(seed))
+        os.makedirs(folder, exist_ok=True)
+        log_path = os.path.join(folder, "run.log")
+        with open(log_path, "w") as out:
+            code = subprocess.run(command + ["--seeds", str(seed), "--out", folder], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=root).returncode
+        if code:
+            raise RuntimeError(f"seed {seed}'s worker failed (exit {code}); its log: {log_path}")
+        log(f"seed {seed} done ({folder})")
+        return folder
+
+    log(f"seeds {list(seeds)} in {min(args.jobs, len(seeds))} worker processes (logs in {args.out}/seeds/)")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(run_seed, seeds))
 
 
 if __name__ == "__main__":

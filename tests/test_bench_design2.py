@@ -149,5 +149,13 @@ def test_runs_of_single_seeds_merge_into_the_joint_run(smoke, tmp_path):
     for a, b in zip(merged["runs"], joint["runs"]):
         assert {k: c["safe_flags"] for k, c in a["conditions"].items()} == {k: c["safe_flags"] for k, c in b["conditions"].items()}
     assert merged["verdict"]["statement"] == joint["verdict"]["statement"]
+    # The default full run: one worker process per seed (1 thread each), two at a time, merged; the world cached.
+    assert paper_in_miniature.main(["--design", "2", "--smoke", "--jobs", "2", "--cache", cache,
+                                    "--out", str(tmp_path / "jobs")]) == 0
+    pooled = json.loads((tmp_path / "jobs" / "results.json").read_text())
+    assert [r["seed"] for r in pooled["runs"]] == [0, 1] and pooled["timings"]["processes"] == 2
+    assert pooled["world_cached"] and (tmp_path / "jobs" / "seeds" / "1" / "run.log").exists()
+    for a, b in zip(pooled["runs"], merged["runs"]):
+        assert {k: c["safe_flags"] for k, c in a["conditions"].items()} == {k: c["safe_flags"] for k, c in b["conditions"].items()}
     with pytest.raises(ValueError, match="overlapping seeds"):
         paper_in_miniature.main(["--design", "2", "--smoke", "--merge", parts[0], parts[0], "--out", str(tmp_path / "x")])

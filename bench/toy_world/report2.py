@@ -222,9 +222,11 @@ def write_report(results: dict, out: str, smoke: bool) -> dict:
     return doc
 
 
-def merge_reports(folders: list[str], out: str) -> dict:
+def merge_reports(folders: list[str], out: str, timings: dict | None = None, world_cached: bool | None = None) -> dict:
     """One report from runs of disjoint seeds written to `folders` (e.g. one process per seed, with --seeds):
-    the runs are joined in seed order, CPU times added, wall time the longest; grids from the first seed's run."""
+    the runs are joined in seed order, CPU times added, wall time the longest (or `timings`' world_s / total_s,
+    measured by the command that ran the workers, with whether it found the world cached); grids from the first
+    seed's run."""
     docs = []
     for folder in folders:
         with open(os.path.join(folder, "results.json")) as f:
@@ -242,6 +244,8 @@ def merge_reports(folders: list[str], out: str) -> dict:
     results["timings"] = {"world_s": max(d["timings"]["world_s"] for _, d in docs),
                           "total_s": max(d["timings"]["total_s"] for _, d in docs),
                           "cpu_s": sum(d["timings"]["cpu_s"] for _, d in docs), "threads": first["timings"]["threads"],
-                          "processes": len(docs)}
+                          "processes": len(docs), **(timings or {})}
+    if world_cached is not None:
+        results["world_cached"] = world_cached
     results["_images"] = images
     return write_report(results, out, smoke=first["smoke"])
