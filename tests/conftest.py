@@ -109,3 +109,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_world_cache():
+    """The toy-world part tests: the benchmark's budget of 2 threads while the module runs, and the folder its
+    trained world models and detector are cached in (``$IMPLICIT_NEGATIVES_CACHE/toy-world``, shared by both
+    designs and by .ci/run's two ComfyUI versions)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield os.path.join(os.environ.get("IMPLICIT_NEGATIVES_CACHE") or os.path.expanduser("~/.cache/implicit-negatives"),
+                       "toy-world")
+    torch.set_num_threads(threads)

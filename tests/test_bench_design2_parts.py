@@ -11,8 +11,6 @@ by every config it depends on; the detector is design 1's (the same config, the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,30 +19,20 @@ from bench.toy_world.detector import held_out_accuracy
 from bench.toy_world.experiment import load_or_train_detector, load_or_train_world
 
 CFG = design2.Design2Config()
-CACHE = os.path.join(os.environ.get("IMPLICIT_NEGATIVES_CACHE") or os.path.expanduser("~/.cache/implicit-negatives"),
-                     "toy-world")
 THRESHOLDS = {(where, metric): (kind, value) for where, metric, kind, value in design2.CRITERIA}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # the benchmark's budget: 2 cores
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def detector():
-    det, _ = load_or_train_detector(CFG, CACHE)
+def detector(toy_world_cache):
+    det, _ = load_or_train_detector(CFG, toy_world_cache)
     return det
 
 
 @pytest.fixture(scope="module")
-def metrics(detector):
+def metrics(detector, toy_world_cache):
     """The pre-registered validity metrics of seed 0 (the original and both unlearned variants)."""
     torch.set_grad_enabled(True)  # ESD-x+p fine-tunes (as design2.tune)
-    original, _ = load_or_train_world(CFG, CACHE, log=print)
+    original, _ = load_or_train_world(CFG, toy_world_cache, log=print)
     variants = design2.unlearn(original, CFG, 0, design2.prompts(CFG)["benign"])
     return design2.validity_metrics(original, variants, detector, CFG, 0)
 

@@ -10,8 +10,6 @@ shares that cache between its two ComfyUI versions.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,28 +23,18 @@ from bench.toy_world.sampling import initial_noise
 from bench.toy_world.unlearning import ESDConfig, erase_concept
 
 BENCH = BenchConfig()
-CACHE = os.path.join(os.environ.get("IMPLICIT_NEGATIVES_CACHE") or os.path.expanduser("~/.cache/implicit-negatives"),
-                     "toy-world")
 LEARNING_RATES = {"esd-u": BENCH.esd_u_learning_rate, "esd-x": BENCH.esd_x_learning_rate}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # the benchmark's budget: 2 cores
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def original():
-    model, _ = load_or_train_world(BENCH, CACHE, log=print)
+def original(toy_world_cache):
+    model, _ = load_or_train_world(BENCH, toy_world_cache, log=print)
     return model
 
 
 @pytest.fixture(scope="module")
-def detector():
-    det, _ = load_or_train_detector(BENCH, CACHE)
+def detector(toy_world_cache):
+    det, _ = load_or_train_detector(BENCH, toy_world_cache)
     return det
 
 

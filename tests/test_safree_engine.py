@@ -15,7 +15,7 @@ import torch
 from implicit_negatives.embedding_io import save_embedding
 from implicit_negatives.safree import filter_end_percent
 
-from implicit_negatives.comfyui import headless, rig
+from implicit_negatives.comfyui import headless
 
 SCHEDULE_STEPS = 4  # = the KSampler's steps below, so t' counts KSampler steps exactly
 UP_T = 2  # t' in {0, 1, 2}: at least the last of 4 steps always runs unfiltered
@@ -99,20 +99,37 @@ def official_safree(comfy, clip, prompt, concept_prompts, alpha=0.01):
     def pooled(tokens):
         return clip.encode_from_tokens(tokens, return_pooled="unprojected")[1][0].double()
 
-    space = torch.stack([pooled(clip.tokenize(text)) for text in concept_prompts]).T  # (D, K)
-    concept = space @ torch.linalg.pinv(space.T @ space) @ space.T
     chunk = clip.tokenize(prompt)["l"][0]
-    n = next(i for i, (token, *_) in enumerate(chunk) if isinstance(token, int) and token == 49407) - 1
-    masked = torch.stack([pooled({"l": [chunk[:i] + [(0, chunk[i][1])] + chunk[i + 1:]]}) for i in range(1, n + 1)])
-    inside = masked.T @ torch.linalg.pinv(masked @ masked.T) @ masked
-    away = torch.eye(concept.shape[0], dtype=torch.float64) - concept
-    distance = (away @ masked.T).norm(dim=0)
-    mean_of_others = torch.stack([torch.cat([distance[:i], distance[i + 1:]]).mean() for i in range(n)])
-    triggers = torch.zeros(len(chunk), dtype=torch.bool)
-    triggers[1:n + 1] = ~(distance < (1.0 + alpha) * mean_of_others)
+    masked = torch.stack([pooled({"l": [row]}) for row in official_masked_rows(chunk)])
     hidden = clip_text_encode(comfy, clip, prompt)[0][0][0].double()
-    filtered = torch.where(triggers[:, None], (away @ inside @ hidden.T).T, hidden)
+    concept = torch.stack([pooled(clip.tokenize(text)) for text in concept_prompts])
+    filtered, triggers = official_projection(concept, masked, hidden, alpha)
     return filtered, triggers, clip_text_encode(comfy, clip, ", ".join(concept_prompts))
+
+
+def official_masked_rows(chunk: list) -> list[list]:
+    """``_masked_encode_prompt``'s token rows: the prompt with prompt token i (1..n, between start and end token)
+    replaced by id 0, one row per i."""
+    n = next(i for i, (token, *_) in enumerate(chunk) if isinstance(token, int) and token == 49407) - 1
+    return [chunk[:i] + [(0, chunk[i][1])] + chunk[i + 1:] for i in range(1, n + 1)]
+
+
+def official_projection(concept: torch.Tensor, masked: torch.Tensor, hidden: torch.Tensor, alpha: float):
+    """``projection_matrix`` + ``safree_projection`` of the official code in float64: ``concept`` (K, D) pooled
+    outputs spanning the concept, ``masked`` (n, D) the leave-one-out pooled outputs of prompt tokens 1..n,
+    ``hidden`` (T, D) the prompt's hidden states. Token i triggers unless d_i < (1 + alpha) mean_{j != i} d_j;
+    trigger rows are projected (away from the concept, inside the prompt's span). Returns (filtered (T, D),
+    triggers (T,) bool)."""
+    space = concept.T
+    concept_projection = space @ torch.linalg.pinv(space.T @ space) @ space.T
+    inside = masked.T @ torch.linalg.pinv(masked @ masked.T) @ masked
+    away = torch.eye(concept_projection.shape[0], dtype=torch.float64) - concept_projection
+    distance = (away @ masked.T).norm(dim=0)
+    n = masked.shape[0]
+    mean_of_others = torch.stack([torch.cat([distance[:i], distance[i + 1:]]).mean() for i in range(n)])
+    triggers = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    triggers[1:n + 1] = ~(distance < (1.0 + alpha) * mean_of_others)
+    return torch.where(triggers[:, None], (away @ inside @ hidden.T).T, hidden), triggers
 
 
 PLANTED_PROMPT = "a embedding:safree_planted zebra"

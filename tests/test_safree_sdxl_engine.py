@@ -16,14 +16,13 @@ from implicit_negatives.safree import filter_end_percent
 
 from implicit_negatives.comfyui import rig
 from test_embedding_nodes_engine import clip_text_encode
-from test_safree_engine import recorded_model
+from test_safree_engine import official_masked_rows, official_projection, recorded_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULE_STEPS = 4  # = test_safree_engine's, whose step recorder these tests reuse
 UP_T = 2
 PROMPT = "a embedding:safree_sdxl_planted zebra"
-END_TOKEN = 49407
 CLIP_L_WIDTH = 768  # ComfyUI's SDXL conditioning is [clip_l 768 | clip_g 1280], as diffusers' prompt_embeds
 
 
@@ -62,22 +61,12 @@ def official_sdxl_safree(comfy, clip, prompt, concept_prompts, alpha=0.01, proje
     def pooled(tokens):
         return clip.encode_from_tokens(tokens, return_pooled=True if projected else "unprojected")[1][0].double()
 
-    space = torch.stack([pooled(clip.tokenize(text)) for text in concept_prompts]).T  # (1280, K)
-    concept = space @ torch.linalg.pinv(space.T @ space) @ space.T
     tokens = clip.tokenize(prompt)
-    chunk = tokens["g"][0]
-    n = next(i for i, (token, *_) in enumerate(chunk) if isinstance(token, int) and token == END_TOKEN) - 1
-    masked = torch.stack([pooled({"l": tokens["l"], "g": [chunk[:i] + [(0, chunk[i][1])] + chunk[i + 1:]]})
-                          for i in range(1, n + 1)])
-    inside = masked.T @ torch.linalg.pinv(masked @ masked.T) @ masked
-    away = torch.eye(concept.shape[0], dtype=torch.float64) - concept
-    distance = (away @ masked.T).norm(dim=0)
-    mean_of_others = torch.stack([torch.cat([distance[:i], distance[i + 1:]]).mean() for i in range(n)])
-    triggers = torch.zeros(len(chunk), dtype=torch.bool)
-    triggers[1:n + 1] = ~(distance < (1.0 + alpha) * mean_of_others)
+    masked = torch.stack([pooled({"l": tokens["l"], "g": [row]}) for row in official_masked_rows(tokens["g"][0])])
     reference = clip_text_encode(comfy, clip, prompt)
     hidden_g = reference[0][0][0][:, CLIP_L_WIDTH:].double()
-    filtered_g = torch.where(triggers[:, None], (away @ inside @ hidden_g.T).T, hidden_g)
+    concept = torch.stack([pooled(clip.tokenize(text)) for text in concept_prompts])  # (K, 1280)
+    filtered_g, triggers = official_projection(concept, masked, hidden_g, alpha)
     return filtered_g, triggers, reference, clip_text_encode(comfy, clip, ", ".join(concept_prompts))
 
 
