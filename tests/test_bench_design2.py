@@ -159,3 +159,28 @@ def test_runs_of_single_seeds_merge_into_the_joint_run(smoke, tmp_path):
         assert {k: c["safe_flags"] for k, c in a["conditions"].items()} == {k: c["safe_flags"] for k, c in b["conditions"].items()}
     with pytest.raises(ValueError, match="overlapping seeds"):
         paper_in_miniature.main(["--design", "2", "--smoke", "--merge", parts[0], parts[0], "--out", str(tmp_path / "x")])
+
+
+
+@pytest.mark.parametrize("caller_threads", [1, 3])
+def test_world_and_detector_train_on_their_configs_thread_count(caller_threads, monkeypatch):
+    """The world model and the detector are cached under their config's key, and a model's bits depend on the
+    thread count it trains on (design 2's results used a 1-thread detector, design 1's a 2-thread one): training
+    runs on the config's own `threads`, so --threads and the calling process cannot change what a key holds."""
+    from dataclasses import replace
+
+    from bench.toy_world import detector
+    from bench.toy_world.training import train_world
+    seen = []
+    augment = detector.augment
+    monkeypatch.setattr(detector, "augment", lambda x, gen: seen.append(torch.get_num_threads()) or augment(x, gen))
+    before = torch.get_num_threads()
+    torch.set_num_threads(caller_threads)
+    try:
+        train_world(replace(SMOKE2.train, steps=2, batch_size=2, threads=2), SMOKE2.model, SMOKE2.world,
+                    log=lambda _: seen.append(torch.get_num_threads()))
+        detector.train_detector(replace(SMOKE2.detector, steps=2, batch_size=4))
+        assert torch.get_num_threads() == caller_threads  # the caller's count is back after each training
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2, SMOKE2.detector.threads, SMOKE2.detector.threads] and SMOKE2.detector.threads == 1

@@ -48,7 +48,7 @@ class Design2Config:
     train: TrainConfig = TrainConfig()
     model: ModelConfig = ModelConfig(train_text_encoder=False, token_std=1.0)
     world: world.WorldConfig = world.WorldConfig(p_harmful=0.2, p_context_given_benign=0.02)
-    detector: DetectorConfig = DetectorConfig()
+    detector: DetectorConfig = DetectorConfig(threads=1)  # the detector the results were computed with
     uce_erase_scale: float = 1.0
     uce_preserve_scale: float = 1.0
     uce_lamb: float = 0.1
@@ -73,8 +73,8 @@ SMOKE2 = Design2Config(  # every stage and report row in seconds; its numbers me
     train=TrainConfig(steps=20, batch_size=8, warmup=5),
     model=ModelConfig(text_dim=16, text_layers=1, text_heads=2, channels=(8, 16), time_dim=16, heads=2,
                       train_text_encoder=False, token_std=1.0),
-    detector=DetectorConfig(steps=40, batch_size=64), esd_iterations=2, inversion_steps=3, inversion_batch=2,
-    harmful_images=4, sample_steps=3, seeds=(0, 1), attack_prompts=4, benign_prompts=3, grid_prompts=3)
+    detector=DetectorConfig(steps=40, batch_size=64, threads=1), esd_iterations=2, inversion_steps=3,
+    inversion_batch=2, harmful_images=4, sample_steps=3, seeds=(0, 1), attack_prompts=4, benign_prompts=3, grid_prompts=3)
 
 
 def prompts(cfg: Design2Config) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import world
+from .training import cpu_threads
 
 THRESHOLD = 0.5
 
@@ -44,6 +45,7 @@ class DetectorConfig:
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 1
+    threads: int = 2  # CPU threads it trains on (design 1's detector: 2; design 2's: 1), see training.cpu_threads
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -65,6 +67,11 @@ def world_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_detector(cfg: DetectorConfig = DetectorConfig()) -> Detector:
+    with cpu_threads(cfg.threads):
+        return _train_detector(cfg)
+
+
+def _train_detector(cfg: DetectorConfig) -> Detector:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     det = Detector()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,7 +64,7 @@ SMOKE = BenchConfig(  # exercises every stage and report row in seconds; its num
 
 # Config fields added after design 1's world was cached: left out of the cache key at these values, so
 # design 1's cached world keeps its file name.
-_KEY_DEFAULTS = {"train_text_encoder": True, "token_std": 0.02}
+_KEY_DEFAULTS = {"train_text_encoder": True, "token_std": 0.02, "threads": 2}
 
 
 def _key(*parts) -> str:
@@ -234,7 +234,7 @@ def run(cfg: BenchConfig, cache: str | None = None, log=print) -> dict:
                      "inversion_final_loss": {k: sum(l[-20:]) / len(l[-20:]) for k, l in losses.items()},
                      "inversion_first_loss": {k: sum(l[:20]) / len(l[:20]) for k, l in losses.items()},
                      "seconds": {"esd": t_esd, "inversion": t_inv, "evaluation": t_eval}})
-        log(f"  checks: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items()))
+        log("  checks: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items()))
     timings["total_s"] = time.time() - t0
     return {"config": asdict(cfg), "detector_accuracy": accuracy, "world_cached": cached,
             "detector_cached": det_cached, "sld_params": asdict(sld), "text_negative": TEXT_NEGATIVE,

@@ -6,6 +6,7 @@ world is small enough to learn both), AdamW with warm-up and cosine decay, EMA o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -26,12 +27,31 @@ class TrainConfig:
     warmup: int = 100
     ema_decay: float = 0.995
     seed: int = 0
+    threads: int = 2  # CPU threads the training runs on: another count rounds differently and trains another model
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the block on ``n`` torch CPU threads. A trained model's bits depend on the thread count (reductions
+    are split differently), so training that is cached under its config's key fixes it in the config."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_world(cfg: TrainConfig = TrainConfig(), model_cfg: ModelConfig = ModelConfig(),
                 world_cfg: world.WorldConfig = world.WorldConfig(), log=print, device: str = "cpu") -> ToyDiffusion:
     """The trained (EMA) model on the CPU; captions follow `world_cfg`, including its caption dropout.
-    Data and noise are always drawn on the CPU, so `device` changes only where the arithmetic runs."""
+    Data and noise are always drawn on the CPU, so `device` changes only where the arithmetic runs; on the CPU it
+    runs on `cfg.threads` threads, whatever the caller's setting."""
+    with cpu_threads(cfg.threads):
+        return _train_world(cfg, model_cfg, world_cfg, log, device)
+
+
+def _train_world(cfg: TrainConfig, model_cfg: ModelConfig, world_cfg: world.WorldConfig, log, device: str) -> ToyDiffusion:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ToyDiffusion(model_cfg).to(device)
