@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bench import paper_in_miniature
-from bench.toy_world import world
 from bench.toy_world.design2 import SMOKE2, VARIANTS, template_of
 from bench.toy_world.model import ToyDiffusion
 from bench.toy_world.report2 import verdict
