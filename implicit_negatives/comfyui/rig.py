@@ -142,17 +142,22 @@ def build_family_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tenso
 
 def tiny_family_checkpoint_path(family: str, seed: int = 0) -> str:
     """Build (once per recipe and seed) and cache the tiny SDXL (``"sdxl"``) or SD2.x (``"sd2"``) checkpoint."""
-    from safetensors.torch import save_file
     config = {"sdxl": TINY_SDXL_UNET_CONFIG, "sd2": TINY_SD2_UNET_CONFIG}.get(family)
     if config is None:
         raise ValueError(f"Unknown tiny checkpoint family {family!r}: choose 'sdxl' or 'sd2'")
     recipe = hashlib.sha256(f"{FAMILY_RECIPE_VERSION}{family}{config}{VAE_DDCONFIG}{seed}".encode()).hexdigest()[:12]
+    return _cached_fixture(f"tiny-{family}-{recipe}.safetensors", lambda: build_family_state_dict(family, seed))
+
+
+def _cached_fixture(file_name: str, build_state_dict) -> str:
+    """``CACHE_DIR/fixtures/file_name``, written once (atomically) from ``build_state_dict()`` when missing."""
+    from safetensors.torch import save_file
     folder = os.path.join(CACHE_DIR, "fixtures")
-    path = os.path.join(folder, f"tiny-{family}-{recipe}.safetensors")
+    path = os.path.join(folder, file_name)
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
         with atomic_path(path) as temp:
-            save_file(build_family_state_dict(family, seed), temp)
+            save_file(build_state_dict(), temp)
     return path
 
 
@@ -177,13 +182,7 @@ def cut_text_encoders(layers: int | None) -> dict:
 
 def tiny_checkpoint_path(seed: int = 0, full_size: bool = False) -> str:
     """Build (once per recipe and seed) and cache the tiny (or full-size) SD1.5 checkpoint; return its path."""
-    from safetensors.torch import save_file
     unet_config = FULL_UNET_CONFIG if full_size else TINY_UNET_CONFIG
     recipe = hashlib.sha256(f"{TINY_RECIPE_VERSION}{unet_config}{VAE_DDCONFIG}{seed}".encode()).hexdigest()[:12]
-    folder = os.path.join(CACHE_DIR, "fixtures")
-    path = os.path.join(folder, f"{'full' if full_size else 'tiny'}-sd15-{recipe}.safetensors")
-    if not os.path.isfile(path):
-        os.makedirs(folder, exist_ok=True)
-        with atomic_path(path) as temp:
-            save_file(build_sd15_state_dict(seed, unet_config), temp)
-    return path
+    return _cached_fixture(f"{'full' if full_size else 'tiny'}-sd15-{recipe}.safetensors",
+                           lambda: build_sd15_state_dict(seed, unet_config))
