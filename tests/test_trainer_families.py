@@ -54,6 +54,15 @@ def test_sd2_loss_is_diffusers_v_prediction_loss(adapter, tiny_sd2):
     assert abs(float(eps_loss) - float(reference)) > 0.1 * float(reference)  # the eps loss is another objective
 
 
+def invert_planted(adapter, modules, prompts, init, target, train, held_out):
+    """40 inversion steps from ``init`` on the planted batches; (result, held-out losses of v*, init, learned)."""
+    config = InversionConfig(steps=40, seed=0)
+    sample = lambda step: train[int(torch.randint(0, len(train), (1,), generator=step_generator(0, step)))]
+    result = invert_concept(adapter.make_loss_fn(modules, prompts, sample), init, config)
+    return result, tuple(adapter.evaluate_loss(modules, prompts, vectors, held_out)
+                         for vectors in (target, init, result.vectors))
+
+
 def test_sd2_planted_concept_is_recovered(adapter, tiny_sd2):
     """As the SD1 planted test (test_trainer_planted.py), on OpenCLIP-H vectors (1024 wide) and a v-prediction UNet."""
     model, clip, _ = tiny_sd2
@@ -65,12 +74,8 @@ def test_sd2_planted_concept_is_recovered(adapter, tiny_sd2):
         init = adapter.init_vectors_from_word(modules, "dog", 1)
         train = planted_batches(adapter, modules, prompts, target, 6, seed=1)
         held_out = planted_batches(adapter, modules, prompts, target, 6, seed=2)
-        config = InversionConfig(steps=40, seed=0)
-        sample = lambda step: train[int(torch.randint(0, len(train), (1,), generator=step_generator(0, step)))]
-        result = invert_concept(adapter.make_loss_fn(modules, prompts, sample), init, config)
-        loss_target = adapter.evaluate_loss(modules, prompts, target, held_out)
-        loss_init = adapter.evaluate_loss(modules, prompts, init, held_out)
-        loss_learned = adapter.evaluate_loss(modules, prompts, result.vectors, held_out)
+        result, (loss_target, loss_init, loss_learned) = invert_planted(adapter, modules, prompts, init, target,
+                                                                       train, held_out)
     print(f"\nSD2 held-out loss: v* {loss_target:.3e}  init 'dog' {loss_init:.3e}  learned {loss_learned:.3e}")
     assert loss_target < 1e-8
     assert loss_learned < 0.2 * loss_init
@@ -116,12 +121,8 @@ def test_sdxl_planted_concept_is_recovered_through_both_encoders(adapter, tiny_s
         with torch.no_grad():
             other = modules.base_model.apply_model(x, sigma, c_crossattn=conds["c_crossattn"], y=torch.zeros_like(conds["y"]))
         assert (other - train[0].x0).abs().max() > 1e-4 * train[0].x0.abs().max()
-        config = InversionConfig(steps=40, seed=0)
-        sample = lambda step: train[int(torch.randint(0, len(train), (1,), generator=step_generator(0, step)))]
-        result = invert_concept(adapter.make_loss_fn(modules, prompts, sample), init, config)
-        loss_target = adapter.evaluate_loss(modules, prompts, target, held_out)
-        loss_init = adapter.evaluate_loss(modules, prompts, init, held_out)
-        loss_learned = adapter.evaluate_loss(modules, prompts, result.vectors, held_out)
+        result, (loss_target, loss_init, loss_learned) = invert_planted(adapter, modules, prompts, init, target,
+                                                                       train, held_out)
         moved = {key: float((result.vectors - init).split([768, 1280], dim=-1)[i].abs().max())
                  for i, key in enumerate(("clip_l", "clip_g"))}
     print(f"\nSDXL held-out loss: v* {loss_target:.3e}  init 'dog' {loss_init:.3e}  learned {loss_learned:.3e}; "
